@@ -8,6 +8,9 @@ scored on ``--episodes`` test episodes (15 queries per class) over the unrotated
 small2 alphabets that small1 lacks (Japanese (katakana), Sanskrit, Tagalog): mean accuracy and 95% CI.
 The 20-way 1-shot model is also scored on the official 20 within-alphabet one-shot runs (error rate).
 The table replaces the section ``## Few-shot Omniglot`` of ``--output`` (other sections are kept).
+Every finished (algorithm, setting) cell is kept in ``--results`` (JSON lines, rewritten atomically), and a
+cell already there with the same budget, episodes, seed and hparams is reused: an interrupted benchmark
+resumes where it stopped, and a long one can be run in parts.
 
     python bench/fewshot_omniglot.py --data-dir ../shared/data --minutes 3 --steps 100000
 """
@@ -27,6 +30,7 @@ from dg_meta.datasets.omniglot import OmniglotSmall, OneShotRun, load_one_shot_r
 
 from dg_meta import registry
 from dg_meta.algorithm import Algorithm
+from dg_meta.atomic import atomic_write_text
 from dg_meta.errors import UsageError
 from dg_meta.evaluation import episode_accuracy
 from dg_meta.hparams import declared_hparams, name_seed, parse_overrides, resolve
@@ -68,11 +72,22 @@ def one_shot_error(algorithm: Algorithm, runs: list[OneShotRun], device: torch.d
     return sum(errors) / len(errors)
 
 
+def cell_key(name: str, setting: str, args: argparse.Namespace) -> dict:
+    """What defines one (algorithm, setting) cell: a stored result is reused only if all of it matches."""
+    return {"algorithm": name, "setting": setting, "steps_limit": args.steps, "minutes": args.minutes,
+            "episodes": args.episodes, "seed": args.seed, "hparams": parse_overrides(args.hparams).get(name, {}),
+            "device": torch.device(args.device).type}
+
+
+def load_results(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def train_and_test(name: str, setting: str, dataset: OmniglotSmall, runs: list[OneShotRun] | None,
                    args: argparse.Namespace, device: torch.device) -> dict:
     n_way, k_shot = SETTINGS[setting]
     cls = registry.get_algorithm(name)
-    overrides = {**parse_overrides(args.hparams).get(name, {}), "n_way": n_way, "k_shot": k_shot}
+    overrides = {**cell_key(name, setting, args)["hparams"], "n_way": n_way, "k_shot": k_shot}
     hparams = resolve(declared_hparams(OmniglotSmall, cls), 0, overrides)
     torch.manual_seed(name_seed(args.seed, f"init-{name}-{setting}"))
     algorithm = cls(dataset.input_shape, dataset.num_classes, len(TRAIN_ENVS), hparams).to(device)
@@ -88,7 +103,7 @@ def train_and_test(name: str, setting: str, dataset: OmniglotSmall, runs: list[O
     test = EpisodeSampler(cells_of(dataset, TEST_ENVS, unrotated_only=True), n_way, k_shot, TEST_QUERIES,
                           name_seed(args.seed, f"test-{setting}"), same_domain=False)
     acc, ci = episode_accuracy(algorithm, test, args.episodes)
-    result = {"algorithm": name, "setting": setting, "acc": acc, "ci95": ci, "steps": steps, "train_s": train_s}
+    result = {**cell_key(name, setting, args), "acc": acc, "ci95": ci, "steps": steps, "train_s": train_s}
     if runs is not None and (n_way, k_shot) == (20, 1):
         result["one_shot_runs_error"] = one_shot_error(algorithm, runs, device)
     return result
@@ -142,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default="docs/benchmarks.md", help="markdown file whose section is replaced")
-    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--results", default="outputs/fewshot_omniglot.jsonl",
+                   help="finished cells, reused when their budget, episodes, seed and hparams match")
     args = p.parse_args(argv)
     try:
         names = args.algorithms or meta_learners()
@@ -153,17 +169,25 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
         dataset = OmniglotSmall(args.data_dir, {"rotation_classes": True}).to(device)
         runs = load_one_shot_runs(args.data_dir) if "20w1s" in args.settings else None
+        results_path = Path(args.results)
+        stored = load_results(results_path)
         results = []
         for name in names:
             for setting in args.settings:
+                key = cell_key(name, setting, args)
+                done = [r for r in stored if all(r.get(k) == v for k, v in key.items())]
+                if done:
+                    results.append(done[-1])
+                    continue
                 results.append(train_and_test(name, setting, dataset, runs, args, device))
+                stored.append(results[-1])
+                results_path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(results_path, "".join(json.dumps(r) + "\n" for r in stored))
                 print(json.dumps(results[-1]), flush=True)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     write_section(Path(args.output), markdown(results, args, device))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 

@@ -91,3 +91,31 @@ def test_reproduce_launches_a_tiny_sweep(tmp_path):
     assert len(list(sweep.glob("*/done"))) == 1
     launches = json.loads((sweep / "reproduce.json").read_text())["launches"]
     assert len(launches) == 1 and launches[0]["stopped_by_time_limit"] is False
+
+
+def test_fewshot_omniglot_table_and_resume(tmp_path, monkeypatch):
+    from test_fewshot_data import SMALL1_ALPHABETS, SMALL2_ONLY_ALPHABETS, write_alphabets
+
+    fewshot = _load("fewshot_omniglot")
+    data = tmp_path / "data"
+    write_alphabets(data / "images_background_small1", SMALL1_ALPHABETS, 2, 3)
+    write_alphabets(data / "images_background_small2", ["Greek"] + SMALL2_ONLY_ALPHABETS, 2, 16)
+    doc, results = tmp_path / "benchmarks.md", tmp_path / "cells.jsonl"
+    doc.write_text("# Benchmarks\n\n## Other\n\nkept\n")
+    argv = ["--data-dir", str(data), "--algorithms", "ProtoNet", "--settings", "5w1s", "--steps", "2",
+            "--episodes", "3", "--device", "cpu", "--hparams", '{"ProtoNet": {"n_query": 1}}',
+            "--output", str(doc), "--results", str(results)]
+    assert fewshot.main(argv) == 0
+    (cell,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert (cell["algorithm"], cell["setting"], cell["steps"], cell["hparams"]) == ("ProtoNet", "5w1s", 2,
+                                                                                  {"n_query": 1})
+    assert "## Other\n\nkept" in doc.read_text()
+    assert f"| ProtoNet | {100 * cell['acc']:.1f} ± {100 * cell['ci95']:.1f} |" in doc.read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored cell was trained again")
+
+    monkeypatch.setattr(fewshot, "train_and_test", no_training)
+    assert fewshot.main(argv) == 0  # the same cell is reused
+    with pytest.raises(AssertionError, match="trained again"):
+        fewshot.main([*argv[:7], "3", *argv[8:]])  # another step budget is another cell
