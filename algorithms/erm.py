@@ -20,6 +20,8 @@ class ERM(Algorithm):
     CE(w(phi(x)), y)``, with Adam (lr 1e-3, no weight decay by default).
     """
 
+    compile_modules = ("network",)
+
     def __init__(self, input_shape, num_classes, num_domains, hparams):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         self.featurizer = featurizer_for(self.input_shape, hparams)

@@ -45,6 +45,7 @@ class FeatureCritic(ERM):
     Adam (lr 1e-3) instead of SGD-momentum so that its small meta-gradients move it at all.
     """
 
+    compile_modules = ()  # the critic's reward differentiates through theta_new twice
     HPARAMS = {
         "alpha": HParam(5e-4, log_uniform(-4, -2), positive, "positive", "virtual SGD step size of theta"),
         "beta": HParam(0.01, log_uniform(-3, 0), positive, "positive", "weight of the critic's loss h_w"),

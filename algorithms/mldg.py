@@ -34,6 +34,7 @@ class MLDG(ERM):
     ConvNet trained from scratch diverge (34% vs 90% held-out on RotatedDigits 0°).
     """
 
+    compile_modules = ()  # the exact meta-gradient differentiates through theta' twice
     HPARAMS = {
         "alpha": HParam(0.01, log_uniform(-3, -1), positive, "positive", "inner (virtual) SGD step size"),
         "beta": HParam(1.0, log_uniform(-1, 1), positive, "positive", "weight of the meta-test loss G"),

@@ -39,6 +39,10 @@ class Algorithm(nn.Module):
     }
     batch_kind: ClassVar[str] = "domains"
     predicts_classes: ClassVar[bool] = True
+    #: submodules that ``--compile`` wraps with ``torch.compile`` (in place: checkpoints are unchanged); empty
+    #: means ``--compile`` is refused: the algorithm differentiates through them twice (torch.compile has no
+    #: double backward) or has not been checked under compilation
+    compile_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict):
         super().__init__()

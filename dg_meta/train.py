@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--plugin", action="append", default=[], help="module to import for extra algorithms")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the algorithm's networks (speed only: not part of the run's identity)")
     p.add_argument("--pretrained", default=None, metavar="PATH",
                    help="local torchvision ResNet state dict to initialise the ResNet featurizer (never downloaded)")
     return p
@@ -131,7 +133,7 @@ def default_output_dir(run: dict[str, Any]) -> Path:
 class Trainer:
     """One run: the dataset, splits, algorithm, samplers and the loop with checkpoint/resume."""
 
-    def __init__(self, run: dict[str, Any], data_dir: str, output_dir: Path, device: str):
+    def __init__(self, run: dict[str, Any], data_dir: str, output_dir: Path, device: str, compile: bool = False):
         self.run, self.output_dir = run, output_dir
         self.device = torch.device(device)
         algorithm_cls = registry.get_algorithm(run["algorithm"])
@@ -143,6 +145,9 @@ class Trainer:
                                                   len(self.splits.train_envs), run["hparams"]).to(self.device)
         if run.get("pretrained"):
             load_pretrained(self.algorithm, run["pretrained"])
+        if compile:
+            for name in algorithm_cls.compile_modules:
+                getattr(self.algorithm, name).compile()
         self.sampler = self._train_sampler()
         if self.algorithm.batch_kind == "episodes":
             self.algorithm.set_training_classes(self._cells(self.splits.train_envs, use_in=True))
@@ -243,8 +248,22 @@ def summary_line(run: dict[str, Any], record: dict, env_names: list[str]) -> str
     return f"{run['algorithm']} on {run['dataset']} step {record['step']}: " + " | ".join(parts)
 
 
-def train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, progress: bool = True) -> dict:
-    """Train (or resume, or skip if finished) the run in ``output_dir``; return the final record."""
+def check_compile(algorithm: str) -> None:
+    """Refuse ``--compile`` for an algorithm that declares no ``compile_modules``."""
+    if not registry.get_algorithm(algorithm).compile_modules:
+        raise UsageError(f"--compile: {algorithm} does not support torch.compile (it differentiates through its "
+                         "networks twice, or is unchecked); run it without --compile")
+
+
+def train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, progress: bool = True,
+          compile: bool = False) -> dict:
+    """Train (or resume, or skip if finished) the run in ``output_dir``; return the final record.
+
+    ``compile`` wraps the algorithm's ``compile_modules`` with ``torch.compile``: it changes speed and
+    rounding, not the run, so a run may be resumed with or without it.
+    """
+    if compile:
+        check_compile(run["algorithm"])
     output_dir.mkdir(parents=True, exist_ok=True)
     args_path, results_path = output_dir / "args.json", output_dir / "results.jsonl"
     ckpt_path, done_path = output_dir / "checkpoint.pt", output_dir / "done"
@@ -258,7 +277,7 @@ def train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, pro
         return [json.loads(line) for line in results_path.read_text().splitlines()][-1]
     for stale in output_dir.glob(".*.tmp"):
         stale.unlink()
-    trainer = Trainer(run, data_dir, output_dir, device)
+    trainer = Trainer(run, data_dir, output_dir, device, compile)
     if ckpt_path.exists():
         trainer.load(torch.load(ckpt_path, map_location=trainer.device, weights_only=True))
         _write_records(results_path, trainer.records)
@@ -328,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         run = resolve_run(args)
         output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(run)
-        final = train(run, args.data_dir, output_dir, args.device, progress=not args.no_progress)
+        final = train(run, args.data_dir, output_dir, args.device, progress=not args.no_progress,
+                      compile=args.compile)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

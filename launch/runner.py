@@ -72,7 +72,8 @@ def execute(output_dir: Path, argv: list[str], cpus: int = 1, capture: bool = Fa
                 stack.enter_context(contextlib.redirect_stdout(log))
                 stack.enter_context(contextlib.redirect_stderr(log))
             args = parse_args(list(argv))
-            final = train(resolve_run(args), args.data_dir, output_dir, args.device, progress=False)
+            final = train(resolve_run(args), args.data_dir, output_dir, args.device, progress=False,
+                          compile=args.compile)
     except Exception:
         trace = traceback.format_exc()
         atomic_write_text(output_dir / ERROR_FILE, trace)

@@ -171,3 +171,24 @@ def test_erm_reaches_90_percent_on_held_out_30_degrees(tmp_path):
     final = records(tmp_path / "erm")[-1]
     assert final["step"] == RotatedDigits.N_STEPS
     assert final["env2_in_acc"] >= 0.90, final["env2_in_acc"]
+
+
+@pytest.mark.slow
+def test_compile_changes_speed_not_the_run(tmp_path, capsys, monkeypatch):
+    common = ["--algorithm", "ERM", "--steps", "4", "--checkpoint-freq", "2", "--no-progress"]
+    assert main([*common, "--output-dir", str(tmp_path / "eager")]) == 0
+    compiled_modules, original = [], torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *a, **k: (compiled_modules.append(type(self).__name__), original(self, *a, **k)))
+    assert main([*common, "--output-dir", str(tmp_path / "compiled"), "--compile"]) == 0
+    assert compiled_modules == ["Sequential"]  # ERM's network
+    eager, compiled = ([json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+                       for name in ("eager", "compiled"))
+    for a, b in zip(eager, compiled, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert all(b[k] == pytest.approx(a[k], abs=0.02) for k in a if k.endswith("_acc"))
+    capsys.readouterr()
+    assert main(["--algorithm", "MLDG", "--compile", "--output-dir", str(tmp_path / "mldg")]) == 2
+    assert capsys.readouterr().err == ("error: --compile: MLDG does not support torch.compile (it differentiates "
+                                       "through its networks twice, or is unchecked); run it without --compile\n")
+    assert not (tmp_path / "mldg").exists()
