@@ -103,13 +103,14 @@ def train_and_test(name: str, setting: str, dataset: OmniglotSmall, runs: list[O
     test = EpisodeSampler(cells_of(dataset, TEST_ENVS, unrotated_only=True), n_way, k_shot, TEST_QUERIES,
                           name_seed(args.seed, f"test-{setting}"), same_domain=False)
     acc, ci = episode_accuracy(algorithm, test, args.episodes)
-    result = {**cell_key(name, setting, args), "acc": acc, "ci95": ci, "steps": steps, "train_s": train_s}
+    result = {**cell_key(name, setting, args), "acc": acc, "ci95": ci, "steps": steps, "train_s": train_s,
+              "threads": torch.get_num_threads() if device.type == "cpu" else None}
     if runs is not None and (n_way, k_shot) == (20, 1):
         result["one_shot_runs_error"] = one_shot_error(algorithm, runs, device)
     return result
 
 
-def markdown(results: list[dict], args: argparse.Namespace, device: torch.device) -> str:
+def markdown(results: list[dict], names: list[str], args: argparse.Namespace, device: torch.device) -> str:
     lines = [
         SECTION, "",
         f"`python bench/fewshot_omniglot.py --steps {args.steps} --minutes {args.minutes} --episodes {args.episodes}` "
@@ -117,15 +118,17 @@ def markdown(results: list[dict], args: argparse.Namespace, device: torch.device
         "Meta-trained on images_background_small1 (5 alphabets, rotations as classes), tested on the unrotated "
         "characters of Japanese (katakana), Sanskrit and Tagalog; accuracy % with 95% CI over "
         f"{args.episodes} episodes (15 queries per class); error % on the official 20 within-alphabet "
-        "one-shot runs with the 20-way 1-shot model; training steps (and minutes) per setting.", "",
-        "| algorithm | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot | 20 runs error | steps (min) per setting |",
+        "one-shot runs with the 20-way 1-shot model; training steps (minutes, CPU threads) per setting.", "",
+        "| algorithm | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot | 20 runs error | steps (min, threads) |",
         "|---|---|---|---|---|---|",
     ]
-    for name in dict.fromkeys(r["algorithm"] for r in results):
+    for name in names:
         row = {r["setting"]: r for r in results if r["algorithm"] == name}
-        cells = [f"{100 * row[s]['acc']:.1f} ± {100 * row[s]['ci95']:.1f}" if s in row else "" for s in SETTINGS]
+        cells = [f"{100 * row[s]['acc']:.1f} ± {100 * row[s]['ci95']:.1f}" if s in row
+                 else "not run" if s in args.settings else "" for s in SETTINGS]
         error = row.get("20w1s", {}).get("one_shot_runs_error")
-        budget = " / ".join(f"{row[s]['steps']} ({row[s]['train_s'] / 60:.1f})" for s in SETTINGS if s in row)
+        budget = " / ".join(f"{row[s]['steps']} ({row[s]['train_s'] / 60:.1f}, {row[s].get('threads') or 'GPU'})"
+                            for s in SETTINGS if s in row)
         lines.append(f"| {name} | {' | '.join(cells)} | {'' if error is None else f'{100 * error:.1f}'} | {budget} |")
     lines.append("")
     lines.append("Published full-Omniglot references (5-way 1-shot, 30 background alphabets): ProtoNet 98.8, "
@@ -159,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="docs/benchmarks.md", help="markdown file whose section is replaced")
     p.add_argument("--results", default="outputs/fewshot_omniglot.jsonl",
                    help="finished cells, reused when their budget, episodes, seed and hparams match")
+    p.add_argument("--collect-only", action="store_true",
+                   help="write the table from the stored cells and train nothing (missing cells: 'not run')")
     args = p.parse_args(argv)
     try:
         names = args.algorithms or meta_learners()
@@ -167,18 +172,21 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"{name} is not a meta-learner (batch_kind 'episodes'): choose from "
                                  f"{', '.join(meta_learners())}")
         device = torch.device(args.device)
-        dataset = OmniglotSmall(args.data_dir, {"rotation_classes": True}).to(device)
-        runs = load_one_shot_runs(args.data_dir) if "20w1s" in args.settings else None
         results_path = Path(args.results)
         stored = load_results(results_path)
+        data: tuple[OmniglotSmall, list[OneShotRun] | None] | None = None
         results = []
         for name in names:
             for setting in args.settings:
                 key = cell_key(name, setting, args)
                 done = [r for r in stored if all(r.get(k) == v for k, v in key.items())]
-                if done:
-                    results.append(done[-1])
+                if done or args.collect_only:
+                    results += done[-1:]
                     continue
+                if data is None:
+                    data = (OmniglotSmall(args.data_dir, {"rotation_classes": True}).to(device),
+                            load_one_shot_runs(args.data_dir) if "20w1s" in args.settings else None)
+                dataset, runs = data
                 results.append(train_and_test(name, setting, dataset, runs, args, device))
                 stored.append(results[-1])
                 results_path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    write_section(Path(args.output), markdown(results, args, device))
+    write_section(Path(args.output), markdown(results, names, args, device))
     return 0
 
 

@@ -119,3 +119,5 @@ def test_fewshot_omniglot_table_and_resume(tmp_path, monkeypatch):
     assert fewshot.main(argv) == 0  # the same cell is reused
     with pytest.raises(AssertionError, match="trained again"):
         fewshot.main([*argv[:7], "3", *argv[8:]])  # another step budget is another cell
+    assert fewshot.main([*argv[:3], "ProtoNet", "MatchingNet", *argv[4:], "--collect-only"]) == 0
+    assert "| MatchingNet | not run |  |  |  |  |" in doc.read_text()
