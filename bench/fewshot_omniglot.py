@@ -7,7 +7,7 @@ as extra classes), for ``--steps`` steps or ``--minutes`` minutes, whichever end
 scored on ``--episodes`` test episodes (15 queries per class) over the unrotated characters of the
 small2 alphabets that small1 lacks (Japanese (katakana), Sanskrit, Tagalog): mean accuracy and 95% CI.
 The 20-way 1-shot model is also scored on the official 20 within-alphabet one-shot runs (error rate).
-The table replaces the section ``## Few-shot Omniglot`` of ``--output`` (other sections are kept).
+The table replaces the marked ``fewshot-omniglot`` block of ``--output`` (the rest is kept).
 Every finished (algorithm, setting) cell is kept in ``--results`` (JSON lines, rewritten atomically), and a
 cell already there with the same budget, episodes, seed and hparams is reused: an interrupted benchmark
 resumes where it stopped, and a long one can be run in parts.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -37,11 +36,15 @@ from dg_meta.hparams import declared_hparams, name_seed, parse_overrides, resolv
 from dg_meta.samplers import Cell, EpisodeSampler
 from dg_meta.splits import class_cells
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dg_table import replace_section  # noqa: E402  (bench/ is not a package)
+
 SETTINGS = {"5w1s": (5, 1), "5w5s": (5, 5), "20w1s": (20, 1)}
 TRAIN_ENVS = [0, 1, 2, 3, 4]
 TEST_ENVS = [5, 6, 7]
 TEST_QUERIES = 15
 SECTION = "## Few-shot Omniglot"
+MARKER = "fewshot-omniglot"
 
 
 def meta_learners() -> list[str]:
@@ -131,21 +134,20 @@ def markdown(results: list[dict], names: list[str], args: argparse.Namespace, de
                             for s in SETTINGS if s in row)
         lines.append(f"| {name} | {' | '.join(cells)} | {'' if error is None else f'{100 * error:.1f}'} | {budget} |")
     lines.append("")
+    missing = len(names) * len(args.settings) - len(results)
+    if missing:
+        lines.append(f"**Partial**: {missing} of {len(names) * len(args.settings)} cells not run yet; the same command "
+                     "without `--collect-only` runs them (stored cells are reused).")
+        lines.append("")
     lines.append("Published full-Omniglot references (5-way 1-shot, 30 background alphabets): ProtoNet 98.8, "
                  "MAML 98.7, iMAML 99.5, MatchingNet 98.1.")
     return "\n".join(lines) + "\n"
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the ``## Few-shot Omniglot`` section of ``path``, keeping every other one."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\b.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
+    """Replace (or append) the marked ``fewshot-omniglot`` block of ``path`` atomically, keeping the rest."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    atomic_write_text(path, replace_section(path.read_text() if path.exists() else "", section, MARKER))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default="docs/benchmarks.md", help="markdown file whose section is replaced")
-    p.add_argument("--results", default="outputs/fewshot_omniglot.jsonl",
+    p.add_argument("--results", default=str(Path(__file__).resolve().parent / "results" / "fewshot_omniglot.jsonl"),
                    help="finished cells, reused when their budget, episodes, seed and hparams match")
     p.add_argument("--collect-only", action="store_true",
                    help="write the table from the stored cells and train nothing (missing cells: 'not run')")
