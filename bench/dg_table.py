@@ -22,6 +22,7 @@ import torch
 from dg_meta.launch.collect import load_records, selection_tables, to_markdown
 
 from dg_meta import registry
+from dg_meta.atomic import atomic_write_text
 from dg_meta.errors import UsageError
 from dg_meta.train import parse_args, resolve_run, run_hash, train
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = Path(args.doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
     old = doc.read_text() if doc.exists() else ""
-    doc.write_text(replace_section(old, section_body(tables, args, argv, time.perf_counter() - start)))
+    atomic_write_text(doc, replace_section(old, section_body(tables, args, argv, time.perf_counter() - start)))
     print(tables)
     print(f"written to {doc}")
     return 0

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from dg_meta.datasets.image_folder import PACS, default_num_workers
 
+from dg_meta.atomic import atomic_write_text
 from dg_meta.hparams import declared_hparams, resolve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def main() -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        atomic_write_text(args.output, text + "\n")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from dg_meta.launch.collect import Table, env_names, load_records, selection_tables, to_markdown
 
+from dg_meta.atomic import atomic_write_json, atomic_write_text
 from dg_meta.errors import UsageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -122,7 +123,7 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
     info["launches"].append({"command": shlex.join(["python", "bench/reproduce_domainbed.py", *argv]),
                              "hardware": hardware(), "workers": args.workers, "seconds": time.perf_counter() - start,
                              "stopped_by_time_limit": stopped, "date": time.strftime("%Y-%m-%d %H:%M")})
-    path.write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_json(path, info)
     return code
 
 
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_doc:
         doc = Path(args.doc)
         doc.parent.mkdir(parents=True, exist_ok=True)
-        doc.write_text(replace_section(doc.read_text() if doc.exists() else "", body, SECTION))
+        atomic_write_text(doc, replace_section(doc.read_text() if doc.exists() else "", body, SECTION))
         print(f"written to {doc}")
     return code
 

@@ -39,6 +39,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, S
 
 from dg_meta import registry
 from dg_meta.algorithm import Algorithm
+from dg_meta.atomic import atomic_write_text
 from dg_meta.dataset import MultiDomainDataset, TensorDomain
 from dg_meta.errors import UsageError
 from dg_meta.hparams import declared_hparams, name_seed, resolve
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        atomic_write_text(args.output, text + "\n")
     return 0
 
 
