@@ -93,6 +93,12 @@ def replace_section(text: str, body: str, name: str = SECTION) -> str:
     return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
+def update_doc(path: Path, body: str, name: str = SECTION) -> None:
+    """Set the marked block ``name`` of the markdown file ``path`` to ``body`` atomically (created if absent)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, replace_section(path.read_text() if path.exists() else "", body, name))
+
+
 def section_body(tables: str, args: argparse.Namespace, argv: list[str], seconds: float) -> str:
     command = shlex.join(["python", "bench/dg_table.py", *argv])
     steps = "each dataset's default" if args.steps is None else str(args.steps)
@@ -132,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     records = [r for f in sorted(folders) for r in load_records(f).records]
     tables = "\n\n".join(to_markdown(t) for t in selection_tables(records, "training_domain"))
     doc = Path(args.doc)
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    old = doc.read_text() if doc.exists() else ""
-    atomic_write_text(doc, replace_section(old, section_body(tables, args, argv, time.perf_counter() - start)))
+    update_doc(doc, section_body(tables, args, argv, time.perf_counter() - start))
     print(tables)
     print(f"written to {doc}")
     return 0

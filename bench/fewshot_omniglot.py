@@ -37,7 +37,7 @@ from dg_meta.samplers import Cell, EpisodeSampler
 from dg_meta.splits import class_cells
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dg_table import replace_section  # noqa: E402  (bench/ is not a package)
+from dg_table import update_doc  # noqa: E402  (bench/ is not a package)
 
 SETTINGS = {"5w1s": (5, 1), "5w5s": (5, 5), "20w1s": (20, 1)}
 TRAIN_ENVS = [0, 1, 2, 3, 4]
@@ -86,11 +86,13 @@ def load_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def train_and_test(name: str, setting: str, dataset: OmniglotSmall, runs: list[OneShotRun] | None,
-                   args: argparse.Namespace, device: torch.device) -> dict:
+def train_and_test(key: dict, dataset: OmniglotSmall, runs: list[OneShotRun] | None, args: argparse.Namespace,
+                   device: torch.device) -> dict:
+    """Meta-train and test the cell ``key`` (see ``cell_key``); return its stored result."""
+    name, setting = key["algorithm"], key["setting"]
     n_way, k_shot = SETTINGS[setting]
     cls = registry.get_algorithm(name)
-    overrides = {**cell_key(name, setting, args)["hparams"], "n_way": n_way, "k_shot": k_shot}
+    overrides = {**key["hparams"], "n_way": n_way, "k_shot": k_shot}
     hparams = resolve(declared_hparams(OmniglotSmall, cls), 0, overrides)
     torch.manual_seed(name_seed(args.seed, f"init-{name}-{setting}"))
     algorithm = cls(dataset.input_shape, dataset.num_classes, len(TRAIN_ENVS), hparams).to(device)
@@ -106,7 +108,7 @@ def train_and_test(name: str, setting: str, dataset: OmniglotSmall, runs: list[O
     test = EpisodeSampler(cells_of(dataset, TEST_ENVS, unrotated_only=True), n_way, k_shot, TEST_QUERIES,
                           name_seed(args.seed, f"test-{setting}"), same_domain=False)
     acc, ci = episode_accuracy(algorithm, test, args.episodes)
-    result = {**cell_key(name, setting, args), "acc": acc, "ci95": ci, "steps": steps, "train_s": train_s,
+    result = {**key, "acc": acc, "ci95": ci, "steps": steps, "train_s": train_s,
               "threads": torch.get_num_threads() if device.type == "cpu" else None}
     if runs is not None and (n_way, k_shot) == (20, 1):
         result["one_shot_runs_error"] = one_shot_error(algorithm, runs, device)
@@ -142,12 +144,6 @@ def markdown(results: list[dict], names: list[str], args: argparse.Namespace, de
     lines.append("Published full-Omniglot references (5-way 1-shot, 30 background alphabets): ProtoNet 98.8, "
                  "MAML 98.7, iMAML 99.5, MatchingNet 98.1.")
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the marked ``fewshot-omniglot`` block of ``path`` atomically, keeping the rest."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, replace_section(path.read_text() if path.exists() else "", section, MARKER))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                     data = (OmniglotSmall(args.data_dir, {"rotation_classes": True}).to(device),
                             load_one_shot_runs(args.data_dir) if "20w1s" in args.settings else None)
                 dataset, runs = data
-                results.append(train_and_test(name, setting, dataset, runs, args, device))
+                results.append(train_and_test(key, dataset, runs, args, device))
                 stored.append(results[-1])
                 results_path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(results_path, "".join(json.dumps(r) + "\n" for r in stored))
@@ -197,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    write_section(Path(args.output), markdown(results, names, args, device))
+    update_doc(Path(args.output), markdown(results, names, args, device), MARKER)
     return 0
 
 

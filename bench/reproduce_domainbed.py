@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from dg_meta.launch.collect import Table, env_names, load_records, selection_tables, to_markdown
 
-from dg_meta.atomic import atomic_write_json, atomic_write_text
+from dg_meta.atomic import atomic_write_json
 from dg_meta.errors import UsageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dg_table import replace_section  # noqa: E402  (bench/ is not a package)
+from dg_table import update_doc  # noqa: E402  (bench/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "domainbed-reproduction"
@@ -202,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     if not args.no_doc:
         doc = Path(args.doc)
-        doc.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(doc, replace_section(doc.read_text() if doc.exists() else "", body, SECTION))
+        update_doc(doc, body, SECTION)
         print(f"written to {doc}")
     return code
 
