@@ -157,7 +157,7 @@ def comparison(table: Table, method: str) -> Table:
         values = [reference[names.index(c)] if c in names else None for c in table.columns[:-1]]
         values.append(reference[-1] if len(table.columns) - 1 == len(names) else None)
         if any(v is not None for v in values):
-            cells[f"{algorithm} (DomainBed)"] = [None if v is None else (v, None) for v in values]
+            cells[f"{algorithm} (DomainBed)"] = [None if v is None else (v, None, None) for v in values]
     return Table(table.title, table.dataset, table.columns, cells)
 
 

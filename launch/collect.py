@@ -6,7 +6,10 @@ deviation over ``sqrt(n)``) over trials of the selected test accuracy, in percen
 mean alone, and a missing value shows ``–``. The average column averages the domains within each trial that
 has them all, then over trials. Runs that evaluate few-shot episodes add a table of the held-out domain's
 episode accuracy ± its 95% CI (last checkpoint; hparams chosen by the training domains' episode accuracy;
-mean over trials). Runs without a ``done`` file are left out and counted in a footnote line.
+mean over trials). Every cell ends with the number of trials it averages, ``55.0 ± 10.0 (2)``; a
+single-trial cell has no error (``80.0 (1)``). A leave-one-domain-out table whose cells are all empty says
+that the sweep lacks the ``--lodo-pairs`` runs. Runs without a ``done`` file are left out and counted in a
+footnote line.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ METHOD_TITLES = {"training_domain": "Training-domain validation",
                  "oracle": "Test-domain validation (oracle)"}
 FEWSHOT_TITLE = "Cross-domain few-shot episode accuracy (95% CI)"
 MISSING = "–"
-Cell = tuple[float, float | None]  # (mean, error) in percent; error None for a single trial
+# (mean, error, trials) in percent; error None for a single trial; trials None for a published number
+Cell = tuple[float, float | None, int | None]
+LODO_HINT = ("no leave-one-domain-out cells: that selection needs the runs holding out each pair of domains; "
+             "launch the sweep again with --lodo-pairs (finished runs are skipped)")
 
 
 @dataclass
@@ -67,11 +73,11 @@ def load_records(sweep_dir: str | Path) -> Collection:
 
 
 def mean_se(values: list[float]) -> Cell:
-    """Mean and standard error (sample std / sqrt(n); None for one value), in percent."""
+    """Mean, standard error (sample std / sqrt(n); None for one value), in percent, and n."""
     mean = 100 * sum(values) / len(values)
     if len(values) < 2:
-        return mean, None
-    return mean, 100 * statistics.stdev(values) / math.sqrt(len(values))
+        return mean, None, 1
+    return mean, 100 * statistics.stdev(values) / math.sqrt(len(values)), len(values)
 
 
 def env_names(dataset: str, n: int) -> list[str]:
@@ -142,10 +148,11 @@ def fewshot_tables(records: list[dict]) -> list[Table]:
             row: list[Cell | None] = []
             for env in envs:
                 trials = list(best.get((dataset, algorithm, env), {}).values())
-                row.append((100 * statistics.mean(t[1] for t in trials), 100 * statistics.mean(t[2] for t in trials))
-                           if trials else None)
-            present = [c[0] for c in row if c is not None]
-            row.append((statistics.mean(present), None) if len(present) == len(envs) else None)
+                row.append((100 * statistics.mean(t[1] for t in trials), 100 * statistics.mean(t[2] for t in trials),
+                            len(trials)) if trials else None)
+            present = [c for c in row if c is not None]
+            row.append((statistics.mean(c[0] for c in present), None, min(c[2] for c in present))
+                       if len(present) == len(envs) else None)
             cells[algorithm] = row
         tables.append(Table(FEWSHOT_TITLE, dataset, _columns(records, dataset, envs), cells))
     return tables
@@ -157,10 +164,24 @@ def all_tables(records: list[dict]) -> list[Table]:
 
 
 def format_cell(cell: Cell | None, pm: str = "±") -> str:
+    """``mean ± error (trials)``; ``mean (1)`` for a single trial; ``–`` for no value; no count for a
+    published number."""
     if cell is None:
         return MISSING
-    mean, err = cell
-    return f"{mean:.1f}" if err is None else f"{mean:.1f} {pm} {err:.1f}"
+    mean, err, n = cell
+    text = f"{mean:.1f}" if err is None else f"{mean:.1f} {pm} {err:.1f}"
+    return text if n is None else f"{text} ({n})"
+
+
+def is_empty(table: Table) -> bool:
+    return all(c is None for cells in table.cells.values() for c in cells)
+
+
+def table_note(table: Table) -> str | None:
+    """The line printed under a table that is empty for a reason the user can fix."""
+    if table.title == METHOD_TITLES["leave_one_domain_out"] and is_empty(table):
+        return LODO_HINT
+    return None
 
 
 def to_markdown(table: Table) -> str:
@@ -168,7 +189,8 @@ def to_markdown(table: Table) -> str:
              "| Algorithm | " + " | ".join(table.columns) + " |",
              "|" + " --- |" * (len(table.columns) + 1)]
     lines += [f"| {a} | " + " | ".join(format_cell(c) for c in cells) + " |" for a, cells in table.cells.items()]
-    return "\n".join(lines)
+    note = table_note(table)
+    return "\n".join(lines + ([f"\n_{note}._"] if note else []))
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -188,7 +210,8 @@ def to_latex(table: Table) -> str:
     lines += [" & ".join([latex_escape(a)] + [latex_escape(format_cell(c)) for c in cells]) + r" \\"
               for a, cells in table.cells.items()]
     lines += [r"\hline", r"\end{tabular}"]
-    return "\n".join(lines)
+    note = table_note(table)
+    return "\n".join(lines + ([f"% {latex_escape(note)}"] if note else []))
 
 
 def footnote(collection: Collection) -> str:
@@ -208,7 +231,8 @@ def report(collection: Collection, latex: bool = False) -> str:
 
 
 def plot(tables: list[Table], path: str | Path) -> None:
-    """Per-domain accuracy bars per algorithm (error bars: standard error / 95% CI), one panel per table."""
+    """Per-domain accuracy bars per algorithm, one panel per table, the value written on each bar. Error bars:
+    standard error (95% CI for few-shot); none for single-trial cells; missing cells draw no bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,10 +246,13 @@ def plot(tables: list[Table], path: str | Path) -> None:
         n = max(len(table.cells), 1)
         width = 0.8 / n
         for i, (algorithm, cells) in enumerate(table.cells.items()):
-            xs = [j + (i - (n - 1) / 2) * width for j in range(len(cells))]
-            means = [c[0] if c else 0.0 for c in cells]
-            errors = [c[1] if c and c[1] is not None else 0.0 for c in cells]
-            ax.bar(xs, means, width, yerr=errors, capsize=2, label=algorithm)
+            present = [(j + (i - (n - 1) / 2) * width, c) for j, c in enumerate(cells) if c is not None]
+            bars = ax.bar([x for x, _ in present], [c[0] for _, c in present], width, label=algorithm,
+                          color=f"C{i % 10}")
+            for (x, (mean, err, _)) in present:
+                if err is not None:
+                    ax.errorbar(x, mean, yerr=err, color="black", capsize=2, linewidth=1)
+            ax.bar_label(bars, labels=[f"{c[0]:.1f}" for _, c in present], fontsize=6, padding=1)
         ax.set_xticks(range(len(table.columns)), table.columns)
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{table.title}: {table.dataset}", fontsize=10)

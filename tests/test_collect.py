@@ -72,9 +72,9 @@ def sweep(tmp_path: Path) -> Path:
 # Leave-one-domain-out (pairs only for A, trial 0, env0): seed 0 steps: (.2+.4)/2=.3 -> .40, (.6+.6)/2=.6 ->
 # .45; seed 1: (.7+.9)/2=.8 -> .90, (.1+.1)/2=.1 -> .30; best .8 -> .90.
 EXPECTED = {
-    "training_domain": {"A": ["55.0 ± 10.0", "80.0", "62.5"], "My_B": ["20.0", "–", "–"]},
-    "oracle": {"A": ["47.5 ± 17.5", "20.0", "25.0"], "My_B": ["25.0", "–", "–"]},
-    "leave_one_domain_out": {"A": ["90.0", "–", "–"], "My_B": ["–", "–", "–"]},
+    "training_domain": {"A": ["55.0 ± 10.0 (2)", "80.0 (1)", "62.5 (1)"], "My_B": ["20.0 (1)", "–", "–"]},
+    "oracle": {"A": ["47.5 ± 17.5 (2)", "20.0 (1)", "25.0 (1)"], "My_B": ["25.0 (1)", "–", "–"]},
+    "leave_one_domain_out": {"A": ["90.0 (1)", "–", "–"], "My_B": ["–", "–", "–"]},
 }
 
 
@@ -85,9 +85,9 @@ def test_selection_tables_match_hand_computation(sweep: Path, method: str):
     assert table.columns == ["env0", "env1", "Avg"]
     assert {a: [collect.format_cell(c) for c in cells] for a, cells in table.cells.items()} == EXPECTED[method]
     if method == "training_domain":
-        mean, se = table.cells["A"][0]
-        assert mean == pytest.approx(55.0) and se == pytest.approx(10.0)
-        assert table.cells["A"][2] == (pytest.approx(62.5), None)
+        mean, se, n = table.cells["A"][0]
+        assert mean == pytest.approx(55.0) and se == pytest.approx(10.0) and n == 2
+        assert table.cells["A"][2] == (pytest.approx(62.5), None, 1)
 
 
 def test_unfinished_runs_left_out_and_counted(sweep: Path):
@@ -102,14 +102,14 @@ def test_fewshot_table_uses_last_checkpoint_and_training_domain_episodes(sweep: 
     (table,) = collect.fewshot_tables(collect.load_records(sweep).records)
     assert table.title == collect.FEWSHOT_TITLE and table.columns == ["env0", "Avg"]
     assert list(table.cells) == ["P"]
-    assert [collect.format_cell(c) for c in table.cells["P"]] == ["60.0 ± 5.0", "60.0"]
+    assert [collect.format_cell(c) for c in table.cells["P"]] == ["60.0 ± 5.0 (1)", "60.0 (1)"]
 
 
 def test_markdown_output(sweep: Path, capsys):
     assert sweep_main(["collect", "--output-dir", str(sweep)]) == 0
     out = capsys.readouterr().out
     assert "### Training-domain validation: Toy\n\n| Algorithm | env0 | env1 | Avg |\n| --- | --- | --- | --- |\n" \
-           "| A | 55.0 ± 10.0 | 80.0 | 62.5 |\n| My_B | 20.0 | – | – |" in out
+           "| A | 55.0 ± 10.0 (2) | 80.0 (1) | 62.5 (1) |\n| My_B | 20.0 (1) | – | – |" in out
     assert out.count("### ") == 4
 
 
@@ -125,8 +125,8 @@ def test_latex_tabular_structure(sweep: Path, capsys):
         for row in rows:
             assert row.endswith(r" \\")
             assert row.count(" & ") == n_cols - 1
-    assert r"A & 55.0 $\pm$ 10.0 & 80.0 & 62.5 \\" in out
-    assert r"My\_B & 20.0 & -- & -- \\" in out
+    assert r"A & 55.0 $\pm$ 10.0 (2) & 80.0 (1) & 62.5 (1) \\" in out
+    assert r"My\_B & 20.0 (1) & -- & -- \\" in out
     assert "±" not in out and "–" not in out
     assert out.splitlines()[-1] == "% 3 records of 1 unfinished runs (no done file) left out"
 
@@ -144,3 +144,50 @@ def test_plot_writes_png(sweep: Path, tmp_path: Path):
 def test_collect_missing_folder_is_one_line_error(tmp_path: Path, capsys):
     assert sweep_main(["collect", "--output-dir", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err == f"error: sweep folder {tmp_path / 'nope'} does not exist\n"
+
+
+def test_empty_lodo_table_says_lodo_pairs_are_needed(sweep: Path, capsys):
+    for pair_run in [i for i, key in enumerate(RUNS) if len(key[1]) == 2]:
+        (sweep / f"run{pair_run}" / "done").unlink()
+    assert sweep_main(["collect", "--output-dir", str(sweep)]) == 0
+    out = capsys.readouterr().out
+    lodo = out.split("### Leave-one-domain-out validation: Toy")[1].split("###")[0]
+    assert f"_{collect.LODO_HINT}._" in lodo
+    assert out.count("--lodo-pairs") == 1
+
+
+def test_lodo_table_with_pairs_has_no_hint(sweep: Path, capsys):
+    assert sweep_main(["collect", "--output-dir", str(sweep)]) == 0
+    assert "--lodo-pairs" not in capsys.readouterr().out
+
+
+def test_plot_skips_missing_cells_and_single_trial_error_bars(sweep: Path, tmp_path: Path, monkeypatch):
+    import matplotlib.axes
+
+    drawn: dict[str, list] = {"bars": [], "errors": [], "labels": []}
+    real_bar, real_errorbar, real_label = (matplotlib.axes.Axes.bar, matplotlib.axes.Axes.errorbar,
+                                           matplotlib.axes.Axes.bar_label)
+
+    def bar(self, x, height, *args, **kwargs):
+        drawn["bars"].append((kwargs.get("label"), list(height)))
+        return real_bar(self, x, height, *args, **kwargs)
+
+    def errorbar(self, x, y, *args, **kwargs):
+        drawn["errors"].append((y, kwargs["yerr"]))
+        return real_errorbar(self, x, y, *args, **kwargs)
+
+    def bar_label(self, container, *args, **kwargs):
+        drawn["labels"].append(list(kwargs["labels"]))
+        return real_label(self, container, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", errorbar)
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar_label", bar_label)
+    collection = collect.load_records(sweep)
+    (table,) = collect.selection_tables(collection.records, "training_domain")
+    collect.plot([table], tmp_path / "p.png")
+    # A: 55.0 ± 10.0 (2), 80.0 (1), 62.5 (1) -> three bars, one error bar; My_B: one bar (two cells missing)
+    assert [(label, [round(h, 1) for h in heights]) for label, heights in drawn["bars"]] == \
+        [("A", [55.0, 80.0, 62.5]), ("My_B", [20.0])]
+    assert [(round(y, 1), round(e, 1)) for y, e in drawn["errors"]] == [(55.0, 10.0)]
+    assert drawn["labels"] == [["55.0", "80.0", "62.5"], ["20.0"]]
