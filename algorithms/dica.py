@@ -89,8 +89,8 @@ class DICA(Algorithm):
     stratified subsample of at most ``n_fit`` examples over (domain, class) cells is kept; those steps
     only collect. Then a softmax classifier on the frozen DICA features is trained with Adam on each batch.
     ``dica_input="featurizer"`` computes the kernel on a frozen, randomly initialised featurizer's output
-    instead of the raw input. ``lam`` and ``eps`` are chosen by validation in the paper (no single
-    published default); the fit (points, ``B``, bandwidth, standardisation) is kept in buffers. The paper
+    instead of the raw input. The defaults ``lam = eps = 1e-3`` are ours, not
+    the paper's; the fit (points, ``B``, bandwidth, standardisation) is kept in buffers. The paper
     fits its classifier (an SVM) to convergence; this convex softmax problem on M standardised features
     gets a larger default learning rate (1e-2) so that it converges within a usual step budget.
     """

@@ -31,18 +31,38 @@ class Critic(nn.Module):
 
 @register_algorithm
 class FeatureCritic(ERM):
-    """Feature-Critic Networks (Li, Yang, Zhou, Hospedales, ICML 2019), homogeneous-label variant.
+    """Feature-Critic Networks (Li, Yang, Zhou & Hospedales, ICML 2019), the homogeneous-label (PACS) variant.
 
-    A critic ``h_w`` (MLP, softplus, batch mean) scores the features ``F_theta(x)`` of the meta-train
-    domains; the classifier ``phi`` is shared. Each step splits the training domains into meta-train and
-    meta-test, takes two virtual SGD steps of the featurizer, ``theta_old = theta - alpha grad L_CE`` and
-    ``theta_new = theta - alpha grad (L_CE + beta h_w(F_theta(x)))`` (kept differentiable in ``w``), and
-    rewards the critic by how much it helped on the meta-test domains only:
-    ``r = L_CE(phi(F_theta_old(x'))) - L_CE(phi(F_theta_new(x')))``, critic loss ``-tanh(r)`` (its own
-    optimiser). Then ``theta`` and ``phi`` take an Adam step on ``L_CE + beta h_w`` of the meta-train
-    domains (``phi`` receives only ``L_CE``'s gradient). Defaults follow the official PACS code
-    (``alpha = 5e-4``, ``beta = 0.01``, critic hidden width 512, one meta-test domain); the critic uses
-    Adam (lr 1e-3) instead of SGD-momentum so that its small meta-gradients move it at all.
+    Official code: github.com/liyiying/Feature_Critic, ``model_PACS.py`` (``Model_Feature_Critic_PACS``),
+    ``utils.py`` (``Critic_Network_MLP``), hyperparameters in ``main_Feature_Critic.py``. A critic ``h_w``
+    (``Linear(F, hidden)``, ReLU, ``Linear(hidden, 1)``, softplus, mean over the batch: ``Critic_Network_MLP``)
+    scores the features ``F_theta(x)`` of the meta-train domains; the classifier ``phi`` is shared by all
+    domains. Each step splits the training domains into meta-train and meta-test, takes two virtual SGD steps
+    of the featurizer, ``theta_old = theta - alpha grad L_CE`` and ``theta_new = theta - alpha grad (L_CE +
+    beta h_w(F_theta(x)))`` (kept differentiable in ``w``: a second-order term), and rewards the critic by how
+    much it helped on the meta-test domains only: ``r = L_CE(phi(F_theta_old(x'))) - L_CE(phi(F_theta_new(x')))``,
+    critic loss ``-tanh(r)``, its own optimiser (``Model_Feature_Critic_PACS.train``: ``reward``, ``utility =
+    tanh(reward)``, ``loss_held_out = -utility``). ``theta`` and ``phi`` take one step on ``L_CE + beta h_w`` of
+    the meta-train domains (``phi`` receives only ``L_CE``'s gradient; the meta-test loss does not reach them),
+    as the official ``opt_theta``/``opt_phi`` steps do. Defaults from the official PACS settings:
+    ``alpha = 5e-4`` (``alpha = flags.lr`` in ``reinit_network_P``), ``beta = 0.01`` and critic lr ``1e-3``
+    (``--beta``, ``--omega`` in ``main_Feature_Critic.py``), critic width 512 (``self.hh``), one meta-test
+    domain.
+
+    Warm start: the official code does not train from scratch; ``Model_Feature_Critic_PACS.pre_train``
+    (``model_PACS.py``; likewise ``model_VD.py``) loads the featurizer and classifier of the ERM ("AGG")
+    baseline's ``best_model.tar`` from ``--load_path`` before the first step (README: "Load the PACS baseline
+    model (A) to ..."); the critic starts fresh. Here that is ``--init-from RUN_DIR`` on ``dg_meta.train``:
+    train ERM first and initialise this run from its checkpoint (parameters matched by name; ``critic.*``
+    stays freshly initialised). Without it the run starts from the usual initialisation.
+
+    Departures: ``theta`` and ``phi`` use Adam (``lr``) as every algorithm here, not the official SGD with
+    momentum 0.9, weight decay 5e-5 and lr/10 after 15000 of 45000 iterations; the critic uses Adam instead of
+    the same SGD because its meta-gradient is of order ``alpha * beta`` (5e-6) and Adam's step does not scale
+    with it. The official split takes ``index[0:1]`` as meta-train and ``index[2:]`` as meta-test of the three
+    permuted training domains (one each; the middle domain sits out the iteration); here every training
+    domain that is not meta-test is meta-train (pooled). Meta-train and meta-test minibatches have the same
+    size (official PACS: 32 and 16), and the featurizer is this library's, not the official ImageNet AlexNet.
     """
 
     compile_modules = ()  # the critic's reward differentiates through theta_new twice

@@ -43,7 +43,7 @@ def proximal_inner_loop(module: nn.Module, theta: Params, x: Tensor, y: Tensor, 
 def implicit_meta_gradient(module: nn.Module, phi: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                            query_y: Tensor, lam: float, cg_steps: int) -> Tensor:
     """``(I + H/lam)^-1 g`` (flat), ``g = grad L_query(phi)``, ``H = hess L_support(phi)``, by ``cg_steps`` of
-    conjugate gradient with Hessian-vector products (Rajeswaran et al. 2019, Algorithm 2 and Eq. 7)."""
+    conjugate gradient with Hessian-vector products (Rajeswaran et al. 2019, Algorithm 2)."""
     leaves = list(phi.values())
     g_query = flat(torch.autograd.grad(F.cross_entropy(functional_forward(module, phi, query_x), query_y), leaves))
     g_train = torch.autograd.grad(F.cross_entropy(functional_forward(module, phi, support_x), support_y), leaves,
@@ -53,16 +53,28 @@ def implicit_meta_gradient(module: nn.Module, phi: Params, support_x: Tensor, su
 
 @register_algorithm
 class iMAML(EpisodicAlgorithm):  # noqa: N801 (the method's name)
-    """Implicit MAML (Rajeswaran, Finn, Kakade & Levine, NeurIPS 2019).
+    """Implicit MAML (Rajeswaran, Finn, Kakade & Levine, NeurIPS 2019), in the paper's form.
 
     Each task's adapted parameters approximately solve the proximal problem
-    ``phi* = argmin_phi L_support(phi) + lam/2 ||phi - theta||^2`` (``inner_steps`` gradient steps from
-    theta, no graph kept). The meta-gradient is the implicit one, ``d L_query(phi*)/d theta =
-    (I + H/lam)^-1 grad L_query(phi*)`` with ``H`` the Hessian of ``L_support`` at ``phi*``, computed by
-    ``cg_steps`` of conjugate gradient with Hessian-vector products; it is averaged over the meta-batch and
-    applied with Adam. Conv4 with transductive batch norm (``track_running_stats=False``, no running stats)
-    and an ``n_way`` linear head. Defaults are the authors' Omniglot 5-way 1-shot setting (lam 2.0, 16 inner
-    steps of size 0.1 in training and at test time, 5 CG steps, meta-batch 32, outer Adam lr 1e-3).
+    ``phi* = argmin_phi L_support(phi) + lam/2 ||phi - theta||^2`` (``inner_steps`` gradient steps on that
+    regularised objective from theta, no graph kept). The meta-gradient is the implicit one (the paper's
+    Lemma 1 and Algorithm 2), ``d L_query(phi*)/d theta = (I + H/lam)^-1 grad L_query(phi*)`` with ``H`` the
+    Hessian of ``L_support`` at ``phi*``, computed by ``cg_steps`` of conjugate gradient with Hessian-vector
+    products; it is averaged over the meta-batch and applied with Adam. Conv4 with transductive batch norm
+    (``track_running_stats=False``) and an ``n_way`` linear head. Evaluation adapts with the same proximal
+    steps. Defaults are the official README's Omniglot 5-way 1-shot command (github.com/aravindr93/imaml_dev,
+    ``README.md``: ``--lam 2.0 --inner_lr 1e-1 --n_steps 16 --cg_steps 5 --task_mb_size 32 --outer_lr 1e-3``;
+    16 steps of 0.1 at test, ``measure_accuracy.py --n_steps 16 --inner_lr 1e-1``).
+
+    How the official code differs (read, not adopted): (1) inner loop: ``Learner.learn_task``
+    (``implicit_maml/learner_model.py``, ``add_regularization=False``) takes plain SGD steps on the support
+    loss, then ``examples/omniglot_implicit_maml.py`` takes one SGD step on ``regularization_loss(w_k, lam)``
+    ("pull back for regularization"), ``phi <- phi - inner_lr lam (phi - theta)``; (2) linear system:
+    ``Learner.matrix_evaluator`` solves ``((1 + cg_damping) I + H/(lam + lam_damping)) x = g`` with
+    ``cg_damping = 1`` (README) and ``lam_damping = 10`` (its default), i.e. ``(2I + H/12) x = g`` instead
+    of ``(I + H/lam) x = g``; (3) at test ``measure_accuracy.py`` is run with ``--lam 0.0``: plain gradient
+    steps, the pull a no-op; (4) the outer Adam has ``eps = 1e-3`` (``Learner.__init__``) and the network
+    (``make_conv_network``) uses stride-2 convolutions instead of max-pooling.
     """
 
     HPARAMS: ClassVar[dict[str, HParam]] = {

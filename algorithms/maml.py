@@ -36,9 +36,11 @@ class MAML(EpisodicAlgorithm):
     The network is ``Conv4`` with ``BatchNorm(track_running_stats=False)`` (transductive batch statistics
     in training and evaluation, no running averages, as in MAML; max-pooling where the paper's Omniglot
     network used strided convolutions) and an ``n_way`` linear head. Defaults
-    are the paper's 5-way Omniglot ones: alpha 0.4, one inner step in training and three at test time, meta
-    lr 1e-3 (Adam), meta-batch 32. ``vmap`` adapts the whole meta-batch at once (``torch.func.vmap``; same
-    meta-gradient as the per-task loop, see ``dg_meta.functional``); the default is the per-task loop.
+    are the 5-way Omniglot ones: alpha 0.4, one inner step in training and three at test time, meta-batch 32
+    (the paper's section 5.2; the official README's command github.com/cbfinn/maml ``--update_lr=0.4
+    --num_updates=1 --meta_batch_size=32``), meta lr 1e-3 with Adam (``main.py``'s ``meta_lr`` default).
+    ``vmap`` adapts the whole meta-batch at once (``torch.func.vmap``; same meta-gradient as the per-task
+    loop, see ``dg_meta.functional``); the default is the per-task loop.
     """
 
     HPARAMS: ClassVar[dict[str, HParam]] = {

@@ -1,4 +1,5 @@
-"""Matching Networks (Vinyals et al. 2016): cosine attention over the support set, optional FCE."""
+"""Matching Networks (Vinyals et al. 2016): cosine attention over the support set, optional full context
+embeddings (FCE)."""
 
 from __future__ import annotations
 
@@ -21,33 +22,54 @@ def matching_logits(query_z: Tensor, support_z: Tensor, support_y: Tensor, n_way
     return per_class.logsumexp(2) - cosine.logsumexp(1, keepdim=True)
 
 
-class FullContextEmbedding(nn.Module):
-    """Vinyals et al.'s full context embeddings of width ``d``.
+class AttentionLSTMCell(nn.Module):
+    """One step of the paper's ``LSTM(x, h, c)`` with input ``x = f'(x)`` (width ``d``), previous output
+    ``h = [h_{k-1}, r_{k-1}]`` (width ``2d``: the read-out concatenated, appendix A.1) and cell ``c`` (width
+    ``d``): gates ``i, f, g, o`` from ``W_x x + b + W_h h``, ``c' = sigmoid(f) c + sigmoid(i) tanh(g)``,
+    output ``sigmoid(o) tanh(c')`` (width ``d``, so that ``h^_k + f'(x)`` of Eq. 4 is defined)."""
 
-    Support: ``g(x_i, S) = h_fwd_i + h_bwd_i + g'(x_i)`` from a bidirectional LSTM over the support
-    sequence. Query: ``K`` steps of an attention LSTM, ``h^_k, c_k = LSTM(f'(x), [h_{k-1}, r_{k-1}], c_{k-1})``,
-    ``h_k = h^_k + f'(x)``, ``r_k = sum_i softmax_i(h_k . g(x_i)) g(x_i)``; ``f(x, S) = h_K``.
+    def __init__(self, width: int):
+        super().__init__()
+        self.input_map = nn.Linear(width, 4 * width)
+        self.recurrent_map = nn.Linear(2 * width, 4 * width, bias=False)
+
+    def forward(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        i, f, g, o = (self.input_map(x) + self.recurrent_map(h)).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+class FullContextEmbedding(nn.Module):
+    """Vinyals et al.'s full context embeddings of width ``d`` (the paper's appendix A).
+
+    Support (A.2): ``g(x_i, S) = h_fwd_i + h_bwd_i + g'(x_i)``, the two directions of a bidirectional LSTM
+    (hidden width ``d``, zero initial states) over the support sequence in episode order. Query (A.1,
+    Eqs. 3-6): ``K`` steps of the attention LSTM, ``h^_k, c_k = LSTM(f'(x), [h_{k-1}, r_{k-1}], c_{k-1})``,
+    ``h_k = h^_k + f'(x)``, ``r_{k-1} = sum_i a(h_{k-1}, g(x_i)) g(x_i)`` with
+    ``a = softmax_i(h_{k-1} . g(x_i))``, and ``f(x, S) = h_K``. The paper leaves the initial state open;
+    here ``h^_0 = 0`` and ``c_0 = 0``, so ``h_0 = f'(x)`` by Eq. 4 (as in oscarknagg/few-shot's
+    ``AttentionLSTM``, which however sums ``h + r`` where the paper concatenates).
     """
 
     def __init__(self, width: int, steps: int):
         super().__init__()
         self.support_lstm = nn.LSTM(width, width, bidirectional=True, batch_first=True)
-        self.query_cell = nn.LSTMCell(width, 2 * width)
+        self.query_cell = AttentionLSTMCell(width)
         self.width, self.steps = width, steps
 
     def support(self, z: Tensor) -> Tensor:
+        """``g(x_i, S)`` for the embedded support sequence ``z`` ([n, d])."""
         out, _ = self.support_lstm(z.unsqueeze(0))
         out = out.squeeze(0)
         return z + out[:, : self.width] + out[:, self.width:]
 
     def query(self, z: Tensor, g: Tensor) -> Tensor:
-        zeros = z.new_zeros(len(z), 2 * self.width)
-        state, h = (zeros, zeros), z
+        """``f(x, S) = h_K`` for the embedded queries ``z`` ([m, d]) given the support's ``g`` ([n, d])."""
+        h, c = z, torch.zeros_like(z)
         for _ in range(self.steps):
-            h_hat, c = self.query_cell(z, state)
-            h = h_hat[:, : self.width] + z
             readout = torch.softmax(h @ g.t(), dim=1) @ g
-            state = (torch.cat([h, readout], 1), c)
+            h_hat, c = self.query_cell(z, torch.cat([h, readout], 1), c)
+            h = h_hat + z
         return h
 
 
@@ -55,12 +77,15 @@ class FullContextEmbedding(nn.Module):
 class MatchingNet(EpisodicAlgorithm):
     """Matching Networks (Vinyals, Blundell, Lillicrap, Kavukcuoglu & Wierstra, NeurIPS 2016).
 
-    A query ``x`` is labelled by attention over the support set, ``P(y|x, S) = sum_i a(x, x_i) y_i``
-    with ``a(x, x_i) = softmax_i(cos(f(x), g(x_i)))`` (cosine similarity, no temperature, as in the
-    paper); the embeddings are trained end to end to maximise ``log P(y|x, S)`` of the queries over
-    episodes. ``f = g`` is the Conv-4 embedding; with ``fce`` they become the full context embeddings
-    (a bidirectional LSTM over the support set and a ``fce_steps``-step attention LSTM for queries),
-    which the paper uses on miniImageNet and found unhelpful on Omniglot (default off). Adam, lr 1e-3.
+    A query ``x`` is labelled by attention over the support set, ``P(y|x, S) = sum_i a(x, x_i) y_i`` with
+    ``a(x, x_i) = softmax_i(c(f(x), g(x_i)))`` and ``c`` the cosine similarity, no temperature (section 2.1.1,
+    Eqs. 1-2); the embeddings are trained end to end to maximise ``log P(y|x, S)`` of the queries over
+    episodes (section 2.2). ``f = g`` is the Conv-4 embedding (64-filter 3x3 conv, batch norm, ReLU, 2x2
+    max-pool, four times: section 4.1). With ``fce`` they become the full context embeddings of
+    ``FullContextEmbedding`` (section 2.1.2, appendix A), with ``fce_steps`` read steps ``K``. The paper's
+    Omniglot results (Table 1) are without FCE and its miniImageNet table (Table 2) reports both; ``fce`` is
+    off by default. Ours, not the paper's: Adam with lr 1e-3, one episode per step, ``K = 5`` (the paper
+    gives no value), support and query embedded in one batch-norm batch in training.
     """
 
     HPARAMS = {

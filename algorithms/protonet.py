@@ -23,9 +23,9 @@ class ProtoNet(EpisodicAlgorithm):
     Each class ``k`` of an episode is represented by the mean of its embedded support examples,
     ``c_k = (1/|S_k|) sum_{x in S_k} f(x)``; a query is classified by a softmax over negative squared
     Euclidean distances, ``p(y=k|x) = softmax_k(-||f(x) - c_k||^2)``, and ``f`` (Conv-4) is trained by
-    minimising the query cross-entropy, one episode per step. Paper defaults (Omniglot): Adam, lr 1e-3
-    halved every 2000 episodes, 5 queries per class; the paper trains with more ways (60) than it tests
-    (``--hparams '{"n_way": 60}'`` where a domain has that many classes).
+    minimising the query cross-entropy, one episode per step. Defaults from the paper's Omniglot setting
+    (section 3.1): Adam, lr 1e-3 halved every 2000 episodes, 5 queries per class; the paper trains 1-shot
+    with more ways (60) than it tests (``--hparams '{"n_way": 60}'`` where a domain has that many classes).
     """
 
     HPARAMS = {

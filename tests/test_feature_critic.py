@@ -1,4 +1,5 @@
-"""FeatureCritic: the reward's oracle on meta-test data only, the critic learns, resume carries the split."""
+"""FeatureCritic: one whole update against an independent re-implementation, the reward on meta-test data
+only, the critic learns, resume carries the split."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import io
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, grad
 
 from dg_meta import registry
 from dg_meta.functional import functional_forward, parameters_of
@@ -79,3 +81,80 @@ def test_checkpoint_carries_the_split_generator_and_the_critic_optimizer():
     resumed = tiny()
     resumed.load_checkpoint_state(torch.load(buffer, weights_only=True))
     assert [resumed.splitter() for _ in range(4)] == [alg.splitter() for _ in range(4)]
+
+
+def reference_update(alg, batch, meta_train: list[int], meta_test: list[int]) -> dict[str, dict[str, torch.Tensor]]:
+    """The gradients of one Feature-Critic step, written from the method's equations with ``torch.func``:
+    ``g_theta = grad_theta (L_CE + beta h_w)`` and ``g_phi = grad_phi L_CE`` on the meta-train domains, and
+    ``g_w = grad_w -tanh(L'(theta - alpha grad L_CE) - L'(theta - alpha grad_theta (L_CE + beta h_w)))`` with
+    ``L'`` the cross-entropy on the meta-test domains (differentiated through the inner gradient in ``w``)."""
+    alpha, beta = alg.hparams["alpha"], alg.hparams["beta"]
+    net, clf, critic = alg.featurizer, alg.classifier, alg.critic
+    theta = {k: v.detach().clone() for k, v in net.named_parameters()}
+    phi = {k: v.detach().clone() for k, v in clf.named_parameters()}
+    w = {k: v.detach().clone() for k, v in critic.named_parameters()}
+    x_tr = torch.cat([batch[d][0] for d in meta_train])
+    y_tr = torch.cat([batch[d][1] for d in meta_train])
+    x_te = torch.cat([batch[d][0] for d in meta_test])
+    y_te = torch.cat([batch[d][1] for d in meta_test])
+
+    def ce(t, p, x, y):
+        return F.cross_entropy(functional_call(clf, p, (functional_call(net, t, (x,)),)), y)
+
+    def aux(t, c):
+        return beta * functional_call(critic, c, (functional_call(net, t, (x_tr,)),))
+
+    def meta_objective(c):
+        g_old = grad(ce)(theta, phi, x_tr, y_tr)
+        g_new = grad(lambda t: ce(t, phi, x_tr, y_tr) + aux(t, c))(theta)
+        old = {k: theta[k] - alpha * g_old[k] for k in theta}
+        new = {k: theta[k] - alpha * g_new[k] for k in theta}
+        return -torch.tanh(ce(old, phi, x_te, y_te) - ce(new, phi, x_te, y_te))
+
+    return {"featurizer": grad(lambda t: ce(t, phi, x_tr, y_tr) + aux(t, w))(theta),
+            "classifier": grad(lambda p: ce(theta, p, x_tr, y_tr))(phi),
+            "critic": grad(meta_objective)(w)}
+
+
+def params_before(alg) -> dict[str, dict[str, torch.Tensor]]:
+    return {m: {k: v.detach().clone() for k, v in getattr(alg, m).named_parameters()}
+            for m in ("featurizer", "classifier", "critic")}
+
+
+def test_one_update_with_sgd_moves_every_parameter_by_the_reference_gradient():
+    """Plain SGD in place of the optimisers makes each new parameter ``p - lr * g`` with the exact gradient
+    (Adam's first step, ``~lr * sign(g)``, would hide the size of each gradient term)."""
+    alg = tiny(alpha=0.5, beta=1.0)
+    alg.splitter = lambda: ([0, 2], [1])
+    batch = tiny_batch()
+    lr, critic_lr = 0.3, 7.0
+    alg.optimizer = torch.optim.SGD(alg.network.parameters(), lr=lr)
+    alg.critic_optimizer = torch.optim.SGD(alg.critic.parameters(), lr=critic_lr)
+    before = params_before(alg)
+    grads = reference_update(alg, batch, [0, 2], [1])
+    alg.update(batch)
+    for module, step in (("featurizer", lr), ("classifier", lr), ("critic", critic_lr)):
+        for name, p in getattr(alg, module).named_parameters():
+            expected = before[module][name] - step * grads[module][name]
+            assert torch.allclose(p, expected, rtol=0, atol=1e-12), f"{module}.{name}"
+    assert all(g.abs().max() > 1e-4 for g in grads["critic"].values())
+    without_critic = reference_update(tiny(alpha=0.5, beta=1e-12), batch, [0, 2], [1])["featurizer"]
+    assert max(float((grads["featurizer"][k] - without_critic[k]).abs().max()) for k in without_critic) > 1e-3
+
+
+def test_one_update_with_the_default_adam_optimisers_matches_adam_on_the_reference_gradients():
+    alg = tiny(alpha=0.5, beta=1.0)
+    alg.splitter = lambda: ([1], [0, 2])
+    batch = tiny_batch(seed=3)
+    before = params_before(alg)
+    grads = reference_update(alg, batch, [1], [0, 2])
+    alg.update(batch)
+    for module, lr in (("featurizer", alg.hparams["lr"]), ("classifier", alg.hparams["lr"]),
+                       ("critic", alg.hparams["critic_lr"])):
+        leaves = {k: v.clone().requires_grad_() for k, v in before[module].items()}
+        adam = torch.optim.Adam(leaves.values(), lr=lr, weight_decay=alg.hparams["weight_decay"])
+        for k, v in leaves.items():
+            v.grad = grads[module][k]
+        adam.step()
+        for name, p in getattr(alg, module).named_parameters():
+            assert torch.allclose(p, leaves[name], rtol=0, atol=1e-12), f"{module}.{name}"
