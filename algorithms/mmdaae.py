@@ -29,15 +29,30 @@ class MMDAAE(Algorithm):
     on the code ``h = Q(x)`` and discriminator ``D`` separating codes from Laplace(0, b) prior samples:
     ``min_{C,Q,P} max_D  L_cls(C(Q(x)), y) + l0 ||x - P(Q(x))||^2 + l1 mean_{i<j} MMD^2(H_i, H_j)
     + l2 J_gan(D, Q)``, where ``H_i`` are the codes of training domain ``i`` and ``MMD^2`` is the biased
-    estimate under the mixture of RBF kernels with bandwidths ``mmd_sigmas``. Each step first updates ``D``
-    with its own Adam on ``-log D(z) - log(1 - D(Q(x)))`` (``z`` prior samples, codes detached), then ``Q, P,
-    C`` with the loss above, ``J_gan = -log D(Q(x))`` (non-saturating). Reconstruction error is averaged
-    over pixels. Defaults: ``l0 = 1``, ``l2 = 0.1`` and bandwidths 1, 5, 10 as reported for the paper;
-    ``l1 = 0.1`` instead of its reported 2500 (sized for its own code scale): with this featurizer's codes
-    ``l1 = 2500`` (and already 50) collapses every code to one point on RotatedDigits (MMD -> 0, chance
-    accuracy after 100 steps, measured), and even ``l1 = 1`` stayed at chance in a default run (batch 16 per
-    domain), while ``l1 = 0.1`` reached 70.0% (0 degrees held out) and 85.0% (30 degrees) in 200 steps; 2500
-    stays in the random-search range.
+    estimate under the sum of RBF kernels ``exp(-||a - b||^2 / (2 s^2))`` over the bandwidths ``s`` in
+    ``mmd_sigmas``. Each step first updates ``D`` with its own Adam on ``-log D(z) - log(1 - D(Q(x)))``
+    (``z`` prior samples, codes detached), then ``Q, P, C`` with the loss above against the updated ``D``,
+    ``J_gan = -log D(Q(x))`` (the non-saturating generator loss of Goodfellow et al. 2014, in place of the
+    minimax ``log(1 - D(Q(x)))``). The reconstruction error is averaged over pixels (a squared norm over
+    ``d`` pixels is ``d`` times it).
+
+    Sources. No official code was released (none found); the paper's text could not be checked here, so
+    this docstring claims no paper values. The structure above (autoencoder ``Q``/``P`` with a squared
+    reconstruction error, codes matched adversarially to a Laplace prior, MMD between the source domains'
+    codes) is the paper's as summarised in secondary sources (e.g. A. Royer's reading notes on the paper).
+    Two unofficial reimplementations on VLCS DeCAF features agree with each other: ``YuqiCui/MMD_AAE``
+    (Keras; ``train.py``: ``ae=0.1, mmd=2, adv=0.1, cls=1``; ``utils/losses.py`` ``MMD_Loss_func``:
+    bandwidths ``[1, 5, 10]`` used as ``exp(-d^2 / (2 s))``, i.e. ``s`` a variance, averaged over the kernels
+    and over all ordered domain pairs, ``i = j`` included) and ``mousecpn/MMD_AAE_PyTorch`` (``main.py``:
+    ``w_ae = 0.1, w_mmd = 2, w_adv = 0.1``, prior ``np.random.laplace(0, 1)``, least-squares GAN losses
+    on ``D``'s squared output).
+
+    Defaults (this library's, measured here, not the paper's): ``l0 = 1``, ``l2 = 0.1``, bandwidths 1, 5,
+    10 (standard deviations), prior scale ``b = 1``, and ``l1 = 0.1``: with this featurizer's codes
+    ``l1 = 2500`` (and already 50) collapsed every code to one point on RotatedDigits (MMD -> 0, chance
+    accuracy after 100 steps), and even ``l1 = 1`` stayed at chance in a default run (batch 16 per domain),
+    while ``l1 = 0.1`` reached 70.0% (0 degrees held out) and 85.0% (30 degrees) in 200 steps; the
+    random-search range of ``l1`` reaches 3162.
     """
 
     HPARAMS = {
