@@ -2,12 +2,15 @@
 
 ``featurizer_for(input_shape, hparams)`` picks the featurizer by input shape, as DomainBed does:
 vectors get an MLP, small images (side <= 32) DomainBed's MNIST ConvNet, larger images a torchvision
-ResNet-50 (ResNet-18 with hparam ``resnet18``). Every featurizer exposes ``n_outputs``, the width of its
-feature vector. ``load_pretrained`` fills every ResNet of a model from a local torchvision state dict.
+ResNet-50 (ResNet-18 with hparam ``resnet18``). Hparam ``featurizer`` replaces that choice by a paper's own
+network (``PAPER_FEATURIZERS``: CrossGrad's LeNet, Ghifary et al.'s MTAE encoder), for reproducing a paper's
+table with its architecture. Every featurizer exposes ``n_outputs``, the width of its feature vector.
+``load_pretrained`` fills every ResNet of a model from a local torchvision state dict.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -52,6 +55,57 @@ class MNISTConvNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pool(self.body(x)).flatten(1)
+
+
+class CrossGradLeNet(nn.Module):
+    """CrossGrad's network (Shankar et al., ICLR 2018; official code vihari/crossgrad, ``nets/lenet_crossgrad.py``:
+    ``lenet`` followed by the hidden layer of ``label_model``/``style_model``): three blocks of conv5x5 ('same'
+    padding) + ReLU + 2x2 max-pool (floor) with 32, 64 and 128 channels, flatten, a 128-unit ReLU layer
+    (``fc3``) with dropout 0.5, then a 64-unit ReLU layer (``label_fc1``/``style_fc1``): 64 features. The
+    official code builds the label and the domain network alike from it, as ``CrossGrad`` does through
+    ``featurizer_for``. Departures: PyTorch's default initialisation (theirs: truncated normal, std 0.1, tuned
+    with their RMSProp of epsilon 1.0), and the head after it is this library's linear ``classifier`` (theirs
+    also applies a ReLU to the logits, ``label_fc2``)."""
+
+    n_outputs = 64
+
+    def __init__(self, input_shape: tuple[int, ...]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = [input_shape[0], 32, 64, 128]
+        h, w = input_shape[1:]
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2)]
+            h, w = h // 2, w // 2
+        if h < 1 or w < 1:
+            raise UsageError(f"featurizer crossgrad_lenet needs images of at least 8x8, got {input_shape}")
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(128 * h * w, 128), nn.ReLU(), nn.Dropout(0.5),
+                                  nn.Linear(128, self.n_outputs), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+class MTAEEncoder(nn.Module):
+    """The encoder of Ghifary et al.'s multi-task autoencoder (ICCV 2015), the network of the MNIST-rotation
+    protocol's paper: one fully connected layer from the flattened image to 500 sigmoid units (official code
+    ghif/mtae, ``mtae.py``: ``n_in = 256`` (16x16 images), ``n_hid = 500``; ``Autoencoder.py``: ``Dense`` +
+    sigmoid). PyTorch's default initialisation (theirs: Keras ``uniform``)."""
+
+    n_outputs = 500
+
+    def __init__(self, input_shape: tuple[int, ...]):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), self.n_outputs), nn.Sigmoid())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+#: paper networks selectable by hparam ``featurizer`` (``"domainbed"``: pick by input shape, the default)
+PAPER_FEATURIZERS = {"crossgrad_lenet": CrossGradLeNet, "mtae_mlp": MTAEEncoder}
+FEATURIZERS = ("domainbed", *PAPER_FEATURIZERS)
 
 
 class Conv4(nn.Module):
@@ -209,7 +263,13 @@ def classifier(n_features: int, n_classes: int, nonlinear: bool = False) -> nn.M
 
 
 def featurizer_for(input_shape: tuple[int, ...], hparams: dict) -> nn.Module:
-    """The featurizer DomainBed would pick for ``input_shape``."""
+    """The featurizer DomainBed would pick for ``input_shape``, or the paper network named by hparam
+    ``featurizer`` (one of ``FEATURIZERS``; default ``"domainbed"``)."""
+    name = hparams.get("featurizer", "domainbed")
+    if name != "domainbed":
+        if name not in PAPER_FEATURIZERS:
+            raise UsageError(f"unknown featurizer '{name}': choose one of {', '.join(FEATURIZERS)}")
+        return PAPER_FEATURIZERS[name](input_shape)
     if len(input_shape) == 1:
         return MLP(input_shape[0], hparams.get("mlp_width", 256), hparams.get("mlp_width", 256),
                    hparams.get("mlp_depth", 3), hparams.get("mlp_dropout", 0.0))
