@@ -1,58 +1,116 @@
-"""LastShot (Ye, Ming, Zhan & Chao, TPAMI): a meta-learner distilled from a strong per-episode teacher."""
+"""LastShot (Ye, Ming, Zhan & Chao, TPAMI): ProtoNet distilled from a strong per-episode teacher."""
 
 from __future__ import annotations
 
-import copy
+import json
+import sys
 
 import torch
 import torch.nn.functional as F
 from dg_meta.algorithms.protonet import ProtoNet
 from torch import Tensor, nn
 
-from dg_meta.algorithm import Losses
+from dg_meta import registry
 from dg_meta.errors import UsageError
-from dg_meta.hparams import HParam, choice, int_uniform, positive, uniform, unit_interval
+from dg_meta.hparams import HParam, choice, log_uniform, positive, unit_interval
+from dg_meta.init_from import load_matching, read_run_model, run_folder
 from dg_meta.registry import register_algorithm
 from dg_meta.samplers import Cell, Episode
+
+#: examples per class the logistic-regression teacher is fitted on (``randperm(...)[:50]`` in ``base.py``)
+LOGREG_PER_CLASS = 50
+TEACHER_HELP = ("set the hparam teacher_run to the folder of a finished pre-training run over all training "
+                "classes, e.g. python -m dg_meta.train --algorithm FewShotPretrain --dataset DATASET --output-dir "
+                "runs/pretrain, then --hparams '{\"teacher_run\": \"runs/pretrain\"}'")
 
 
 @register_algorithm
 class LastShot(ProtoNet):
-    """Learning with a Strong Teacher for few-SHOT learning (Ye, Ming, Zhan & Chao, TPAMI 2022).
+    """Learning with A Strong Teacher for few-SHOT learning (Ye, Ming, Zhan & Chao, TPAMI), on ProtoNet.
 
-    A standard many-way classifier ``h(f_0(x))`` is first pre-trained on every training class
-    (``pretrain_steps`` steps of cross-entropy); its embedding is then frozen as the teacher ``f_T`` and
-    also initialises the student. For each episode over the global classes ``c_1..c_N`` the teacher is a
-    strong classifier built from *all* training examples of those classes in ``f_T``: nearest class mean,
-    ``t_k(x) = -||f_T(x) - mu_{c_k}||^2`` (default), or multinomial logistic regression fitted on them;
-    each class is embedded once and cached. The student is ProtoNet's N-way logits ``z`` through a
-    residual calibration ``s = W z + z`` (``W`` N x N, zero at start), trained on the queries with
-    ``(1 - b) T^2 KL(softmax(t / T) || softmax(s / T)) + b CE(s, y)``. The teacher is used in training
-    only. ``b``, ``T`` and the pre-training length are our defaults (the paper tunes them per dataset).
+    Follows the official code, github.com/Han-Jia/LastShot (``model/models/base.py``: ``FewShotModel``,
+    ``model/trainer/fsl_trainer.py``: ``FSLTrainer``):
+
+    - Teacher embedding ``f_T``: the featurizer of a finished run (hparam ``teacher_run``, a run folder), in
+      that run's own architecture, frozen and always in eval mode (``FSLTrainer.__init__`` loads
+      ``p_encoder`` from ``repo_init`` and sets ``requires_grad = False``; ``forward`` calls
+      ``p_encoder.eval()``). The official teacher is the ``encoder`` of ``pretrain.py`` (cross-entropy over
+      all training classes); here ``FewShotPretrain`` is that run (``ERM`` also works, with its own featurizer).
+    - Student: ProtoNet's ``-||f(q) - c_k||^2`` divided by ``temperature`` (``ProtoNet._forward``, Euclidean
+      branch), its ``featurizer`` initialised from the teacher run's ``featurizer.*`` weights when both are
+      the same architecture (``prepare_model`` loads ``para_init``, by default the same file as
+      ``repo_init``); a student of another architecture (e.g. Conv-4 under an ``ERM`` teacher's MNIST
+      ConvNet) is not initialised, one line on stderr says so, and ``--init-from`` can initialise it.
+    - Class repository: every training example of a class embedded once by ``f_T``; its centre is their
+      mean (``FSLTrainer.__init__``: ``repo`` / ``repo_mean``).
+    - NCM teacher (``teacher="ncm"``, official ``kd_type NN``, ``_kd_forward_ncm``): ``t_k(q) = f_T(q) .
+      mu_k / ||mu_k||``, a dot product of the unnormalised query embedding with the L2-normalised centres.
+    - LR teacher (``teacher="logreg"``, ``kd_type LR``, ``_kd_forward_lr``): multinomial logistic regression
+      (sklearn's objective, ``C = kd_c``, unpenalised intercept) fitted on 50 random repository embeddings per
+      class; its decision values ``W f_T(q) + b`` are the logits. Solved here with L-BFGS in float64.
+    - Calibration (``ResidualScale``): ``s = A z + a + z``, ``A, a`` an ``nn.Linear(n_way, n_way)`` with
+      PyTorch's default initialisation, applied to the student's logits ``z`` for the distillation term only.
+    - Loss (``FSLTrainer.train``): ``(1 - b) T^2 KL(softmax(t / T) || softmax(s / T)) + b CE(z, y)``, the KL
+      as ``F.kl_div``'s default ``reduction='mean'`` computes it (averaged over queries *and* classes, so
+      ``1 / n_way`` of the per-query KL, although the official comment says ``batchmean``; we spell it as a
+      sum over ``numel``, which newer PyTorch releases will keep meaning the same). Evaluation (``adapt``) uses the
+      raw student logits ``z``: the teacher and the calibration are training-only (``FSLTrainer.evaluate``).
+
+    Defaults are the official ones (``model/utils.py``): ``kd_balance`` 0, ``kd_temperature`` 1,
+    ``temperature`` 64, ``kd_c`` 1; the teacher is used from the first step (``use_repo`` 1). Departures: the
+    optimiser is ProtoNet's Adam (the official code uses SGD, Nesterov momentum 0.9, weight decay 5e-4 and a
+    cosine schedule), episodes carry no data augmentation, and the official SVM teacher is not implemented.
     """
 
     HPARAMS = {
+        "teacher_run": HParam("", None, lambda v: isinstance(v, str), "a run folder",
+                              "finished run whose featurizer is the teacher (required)"),
         "teacher": HParam("ncm", choice(["ncm", "logreg"]), lambda v: v in ("ncm", "logreg"), "ncm or logreg",
                           "the strong classifier: nearest class mean or logistic regression"),
-        "kd_balance": HParam(0.5, uniform(0.1, 0.9), unit_interval, "in [0, 1]",
+        "kd_balance": HParam(0.0, choice([0.0, 0.1, 0.5]), unit_interval, "in [0, 1]",
                              "b: weight of the cross-entropy against the distillation term"),
-        "kd_temperature": HParam(4.0, choice([1.0, 4.0, 16.0]), positive, "positive", "T: distillation temperature"),
-        "pretrain_steps": HParam(100, int_uniform(50, 500), lambda v: v >= 0, "non-negative",
-                                 "steps of many-way pre-training before the teacher is frozen"),
-        "pretrain_batch_size": HParam(64, choice([32, 64, 128]), positive, "a positive integer",
-                                      "examples per pre-training step"),
-        "logreg_l2": HParam(1e-3, None, positive, "positive", "L2 penalty of the logistic-regression teacher"),
+        "kd_temperature": HParam(1.0, choice([1.0, 4.0, 16.0]), positive, "positive", "T: distillation temperature"),
+        "temperature": HParam(64.0, choice([1.0, 16.0, 64.0]), positive, "positive",
+                              "the student's distances are divided by it"),
+        "kd_c": HParam(1.0, log_uniform(-2, 2), positive, "positive", "C: inverse L2 strength of the LR teacher"),
     }
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
         super().__init__(input_shape, num_classes, num_domains, hparams)
-        self.teacher = copy.deepcopy(self.featurizer).requires_grad_(False).eval()
-        self.pretrain_head = nn.Linear(self.featurizer.n_outputs, num_classes)
-        self.calibration = nn.Parameter(torch.zeros(hparams["n_way"], hparams["n_way"]))
-        self.optimizer.add_param_group({"params": [*self.pretrain_head.parameters(), self.calibration]})
-        self.register_buffer("teacher_ready", torch.zeros((), dtype=torch.bool))
+        if not hparams["teacher_run"]:
+            raise UsageError(f"LastShot needs a teacher: {TEACHER_HELP}")
+        self.teacher, teacher_state = self._load_teacher(hparams["teacher_run"])
+        student, teacher = type(self.featurizer).__name__, type(self.teacher).__name__
+        if student == teacher:
+            load_matching(self.featurizer, teacher_state)
+        else:
+            print(f"LastShot: the student ({student}) is not initialised from teacher_run {hparams['teacher_run']}: "
+                  f"its featurizer is a {teacher}; pretrain the student's backbone (--algorithm FewShotPretrain) "
+                  "to initialise both, or initialise the student with --init-from", file=sys.stderr)
+        self.calibration = nn.Linear(hparams["n_way"], hparams["n_way"])
+        self.optimizer.add_param_group({"params": list(self.calibration.parameters())})
         self.classes: dict[int, list[Cell]] = {}
         self.class_features: dict[int, Tensor] = {}
+
+    def _load_teacher(self, run_dir: str) -> tuple[nn.Module, dict[str, Tensor]]:
+        """The featurizer of the run in ``run_dir``, rebuilt in that run's architecture, frozen and in eval
+        mode, and its state (names without ``featurizer.``)."""
+        option = "LastShot hparam teacher_run"
+        run = json.loads((run_folder(run_dir, option) / "args.json").read_text())["run"]
+        cls = registry.get_algorithm(run["algorithm"])
+        num_domains = len(registry.get_dataset(run["dataset"]).ENVIRONMENTS) - len(run["test_envs"])
+        with torch.random.fork_rng(devices=[]):
+            source = cls(self.input_shape, self.num_classes, num_domains, run["hparams"])
+        teacher = getattr(source, "featurizer", None)
+        if not isinstance(teacher, nn.Module):
+            raise UsageError(f"{option} {run_dir}: a {run['algorithm']} run has no featurizer; {TEACHER_HELP}")
+        prefix = "featurizer."
+        state = {k[len(prefix):]: v for k, v in read_run_model(run_dir, option).items() if k.startswith(prefix)}
+        _, missing = load_matching(teacher, state)
+        if missing:
+            raise UsageError(f"{option} {run_dir}: its featurizer does not fit this dataset's {self.input_shape} "
+                             f"inputs ({missing[0]} absent or of another shape); {TEACHER_HELP}")
+        return teacher.requires_grad_(False).eval(), state
 
     def train(self, mode: bool = True) -> LastShot:
         super().train(mode)
@@ -71,13 +129,15 @@ class LastShot(ProtoNet):
                              "(dg_meta.train does)")
 
     def episode_logits(self, support_z: Tensor, support_y: Tensor, query_z: Tensor, n_way: int) -> Tensor:
-        logits = super().episode_logits(support_z, support_y, query_z, n_way)
-        if n_way == len(self.calibration):
-            logits = logits @ self.calibration.t() + logits
-        return logits
+        """The student's raw logits ``z = -||z_q - c_k||^2 / temperature`` (training and evaluation)."""
+        return super().episode_logits(support_z, support_y, query_z, n_way) / self.hparams["temperature"]
+
+    def calibrate(self, logits: Tensor) -> Tensor:
+        """``ResidualScale``: ``A z + a + z``, fed to the distillation term only."""
+        return self.calibration(logits) + logits
 
     def embed_class(self, class_id: int) -> Tensor:
-        """The frozen teacher embedding of every training example of ``class_id`` (uncached)."""
+        """The teacher embedding of every training example of ``class_id`` (uncached)."""
         parts = []
         with torch.no_grad():
             for cell in self.classes[class_id]:
@@ -86,80 +146,56 @@ class LastShot(ProtoNet):
         return torch.cat(parts)
 
     def teacher_features(self, class_id: int) -> Tensor:
-        """``embed_class(class_id)``, computed once per class and cached."""
+        """``embed_class(class_id)``, computed once per class and cached (the teacher is frozen)."""
         if class_id not in self.class_features:
             self.class_features[class_id] = self.embed_class(class_id)
         return self.class_features[class_id]
 
     def teacher_logits(self, episode: Episode) -> Tensor:
         """The strong classifier over the episode's global classes, applied to its queries."""
+        self._require_classes()
         features = [self.teacher_features(int(c)) for c in episode.classes.tolist()]
         with torch.no_grad():
             query_t = self.teacher(episode.query_x)
-            if self.hparams["teacher"] == "ncm":
-                means = torch.stack([f.mean(0) for f in features])
-                return -torch.cdist(query_t, means).pow(2)
-        return self._logreg_logits(features, query_t)
+        if self.hparams["teacher"] == "ncm":
+            centres = F.normalize(torch.stack([f.mean(0) for f in features]), dim=1)
+            return query_t @ centres.t()
+        samples = [f[torch.randperm(len(f))[:LOGREG_PER_CLASS].to(f.device)] for f in features]
+        weight, bias = fit_logistic_regression(torch.cat(samples), torch.cat(
+            [torch.full((len(s),), k, device=s.device) for k, s in enumerate(samples)]), self.hparams["kd_c"])
+        return (query_t.double() @ weight.t() + bias).to(query_t.dtype)
 
-    def _logreg_logits(self, features: list[Tensor], query_t: Tensor) -> Tensor:
-        x = torch.cat(features)
-        y = torch.cat([torch.full((len(f),), k, device=x.device) for k, f in enumerate(features)])
-        weight = torch.zeros(len(features), x.shape[1], device=x.device, requires_grad=True)
-        bias = torch.zeros(len(features), device=x.device, requires_grad=True)
-        solver = torch.optim.LBFGS([weight, bias], max_iter=100, line_search_fn="strong_wolfe")
-
-        def closure() -> Tensor:
-            solver.zero_grad()
-            loss = F.cross_entropy(x @ weight.t() + bias, y) + self.hparams["logreg_l2"] * weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            solver.step(closure)
-        return (query_t @ weight.t() + bias).detach()
-
-    def distillation_loss(self, student: Tensor, teacher: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """``(1 - b) T^2 KL(softmax(t/T) || softmax(s/T)) + b CE(s, y)`` and its two terms."""
+    def distillation_loss(self, logits: Tensor, teacher: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """``(1 - b) T^2 KL(softmax(t/T) || softmax(calibrate(z)/T)) + b CE(z, y)`` and its two terms."""
         b, temp = self.hparams["kd_balance"], self.hparams["kd_temperature"]
-        ce = F.cross_entropy(student, y)
-        kd = F.kl_div(F.log_softmax(student / temp, 1), F.log_softmax(teacher / temp, 1), reduction="batchmean",
-                      log_target=True) * temp ** 2
+        ce = F.cross_entropy(logits, y)
+        kd = F.kl_div(F.log_softmax(self.calibrate(logits) / temp, 1), F.softmax(teacher / temp, 1),
+                      reduction="sum") / logits.numel() * temp ** 2
         return {"loss": (1 - b) * kd + b * ce, "ce": ce, "kd": kd}
 
     def episode_loss(self, episode: Episode) -> dict[str, Tensor]:
         support_z, query_z = self.embed_episode(episode)
-        student = self.episode_logits(support_z, episode.support_y, query_z, episode.n_way)
-        return self.distillation_loss(student, self.teacher_logits(episode), episode.query_y)
+        logits = self.episode_logits(support_z, episode.support_y, query_z, episode.n_way)
+        return self.distillation_loss(logits, self.teacher_logits(episode), episode.query_y)
 
-    def _pretrain_batch(self) -> tuple[Tensor, Tensor]:
-        pool = [(cell, cls) for cls, cells in self.classes.items() for cell in cells]
-        sizes = torch.tensor([len(cell.indices) for cell, _ in pool])
-        picks = torch.multinomial(sizes.float(), self.hparams["pretrain_batch_size"], replacement=True)
-        xs, ys = [], []
-        for j in picks.unique().tolist():
-            cell, cls = pool[j]
-            count = int((picks == j).sum())
-            idx = cell.indices[torch.randint(len(cell.indices), (count,))]
-            xs.append(cell.domain.fetch(idx))
-            ys += [cls] * count
-        return torch.cat(xs), torch.tensor(ys, device=xs[0].device)
 
-    def _freeze_teacher(self) -> None:
-        self.teacher.load_state_dict(self.featurizer.state_dict())
-        self.teacher_ready.fill_(True)
-        self.class_features = {}
+def fit_logistic_regression(x: Tensor, y: Tensor, c: float) -> tuple[Tensor, Tensor]:
+    """Multinomial logistic regression as sklearn's ``LogisticRegression(C=c)`` fits it: minimise
+    ``c * sum_i CE(W x_i + b, y_i) + ||W||^2 / 2`` (intercept unpenalised), by L-BFGS in float64.
+    Returns ``W`` (classes x features) and ``b``."""
+    x = x.double()
+    n_classes = int(y.max()) + 1
+    weight = torch.zeros(n_classes, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    solver = torch.optim.LBFGS([weight, bias], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
+                               line_search_fn="strong_wolfe")
 
-    def update(self, batch: list[Episode]) -> Losses:
-        self._require_classes()
-        if int(self.steps_done) < self.hparams["pretrain_steps"]:
-            self.set_learning_rate()
-            x, y = self._pretrain_batch()
-            ce = F.cross_entropy(self.pretrain_head(self.featurizer(x)), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            ce.backward()
-            self.optimizer.step()
-            self.steps_done += 1
-            return {"loss": ce.detach(), "ce": ce.detach(), "kd": ce.new_zeros(())}
-        if not bool(self.teacher_ready):
-            self._freeze_teacher()
-        return super().update(batch)
+    def closure() -> Tensor:
+        solver.zero_grad()
+        loss = F.cross_entropy(x @ weight.t() + bias, y, reduction="mean") + weight.pow(2).sum() / (2 * c * len(x))
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        solver.step(closure)
+    return weight.detach(), bias.detach()

@@ -3,7 +3,10 @@
 Each meta-learner (every registered algorithm with ``batch_kind == "episodes"``, Conv-4 on 28x28) is
 meta-trained, once per setting (5-way 1-shot, 5-way 5-shot, 20-way 1-shot, training way and shot equal
 to the test ones), on episodes over all classes of ``images_background_small1`` (5 alphabets, rotations
-as extra classes), for ``--steps`` steps or ``--minutes`` minutes, whichever ends first. It is then
+as extra classes), for ``--steps`` steps or ``--minutes`` minutes, whichever ends first. The training
+episodes are exactly those of ``python -m dg_meta.train --dataset OmniglotSmall --seed SEED`` (the same
+``dg_meta.samplers.training_episode_sampler``, in split and protocol: the CLI's default ``--trial-seed``
+and ``--holdout-fraction``, and OmniglotSmall's ``class_pool``). It is then
 scored on ``--episodes`` test episodes (15 queries per class) over the unrotated characters of the
 small2 alphabets that small1 lacks (Japanese (katakana), Sanskrit, Tagalog): mean accuracy and 95% CI.
 The 20-way 1-shot model is also scored on the official 20 within-alphabet one-shot runs (error rate).
@@ -33,8 +36,9 @@ from dg_meta.atomic import atomic_write_text
 from dg_meta.errors import UsageError
 from dg_meta.evaluation import episode_accuracy
 from dg_meta.hparams import declared_hparams, name_seed, parse_overrides, resolve
-from dg_meta.samplers import Cell, EpisodeSampler
-from dg_meta.splits import class_cells
+from dg_meta.samplers import EpisodeSampler, split_cells, training_episode_sampler
+from dg_meta.splits import DomainSplits
+from dg_meta.train import build_parser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dg_table import update_doc  # noqa: E402  (bench/ is not a package)
@@ -43,6 +47,9 @@ SETTINGS = {"5w1s": (5, 1), "5w5s": (5, 5), "20w1s": (20, 1)}
 TRAIN_ENVS = [0, 1, 2, 3, 4]
 TEST_ENVS = [5, 6, 7]
 TEST_QUERIES = 15
+CLI_DEFAULTS = build_parser()
+TRIAL_SEED = CLI_DEFAULTS.get_default("trial_seed")
+HOLDOUT_FRACTION = CLI_DEFAULTS.get_default("holdout_fraction")
 SECTION = "## Few-shot Omniglot"
 MARKER = "fewshot-omniglot"
 
@@ -51,15 +58,17 @@ def meta_learners() -> list[str]:
     return [n for n in registry.algorithm_names() if registry.get_algorithm(n).batch_kind == "episodes"]
 
 
-def cells_of(dataset: OmniglotSmall, envs: list[int], unrotated_only: bool) -> list[Cell]:
+def splits_of(dataset: OmniglotSmall) -> DomainSplits:
+    """The CLI's splits of OmniglotSmall with the test alphabets held out (default trial seed and holdout)."""
+    return dataset.split(TEST_ENVS, TRIAL_SEED, HOLDOUT_FRACTION)
+
+
+def held_out_sampler(dataset: OmniglotSmall, n_way: int, k_shot: int, seed: int) -> EpisodeSampler:
+    """Test episodes over every drawing of the unrotated characters of the test alphabets, pooled as the
+    dataset's protocol says."""
     rotations = 4 if dataset.hparams["rotation_classes"] else 1
-    cells = []
-    for env in envs:
-        domain = dataset.domains[env]
-        for c, idx in class_cells(domain.labels, torch.arange(len(domain))).items():
-            if not unrotated_only or c % rotations == 0:
-                cells.append(Cell(domain, env, c, idx))
-    return cells
+    cells = [c for c in split_cells(dataset, splits_of(dataset), TEST_ENVS, "all") if c.class_id % rotations == 0]
+    return EpisodeSampler(cells, n_way, k_shot, TEST_QUERIES, seed, dataset.EPISODE_PROTOCOL)
 
 
 def one_shot_error(algorithm: Algorithm, runs: list[OneShotRun], device: torch.device) -> float:
@@ -79,7 +88,7 @@ def cell_key(name: str, setting: str, args: argparse.Namespace) -> dict:
     """What defines one (algorithm, setting) cell: a stored result is reused only if all of it matches."""
     return {"algorithm": name, "setting": setting, "steps_limit": args.steps, "minutes": args.minutes,
             "episodes": args.episodes, "seed": args.seed, "hparams": parse_overrides(args.hparams).get(name, {}),
-            "device": torch.device(args.device).type}
+            "device": torch.device(args.device).type, "holdout_fraction": HOLDOUT_FRACTION}
 
 
 def load_results(path: Path) -> list[dict]:
@@ -96,17 +105,16 @@ def train_and_test(key: dict, dataset: OmniglotSmall, runs: list[OneShotRun] | N
     hparams = resolve(declared_hparams(OmniglotSmall, cls), 0, overrides)
     torch.manual_seed(name_seed(args.seed, f"init-{name}-{setting}"))
     algorithm = cls(dataset.input_shape, dataset.num_classes, len(TRAIN_ENVS), hparams).to(device)
-    train_cells = cells_of(dataset, TRAIN_ENVS, unrotated_only=False)
-    algorithm.set_training_classes(train_cells)
-    sampler = EpisodeSampler(train_cells, n_way, k_shot, hparams["n_query"], name_seed(args.seed, "train"),
-                             same_domain=False)
+    splits = splits_of(dataset)
+    algorithm.set_training_classes(split_cells(dataset, splits, TRAIN_ENVS, "in"))
+    sampler = training_episode_sampler(dataset, splits, dataset.EPISODE_PROTOCOL, n_way, k_shot, hparams["n_query"],
+                                       args.seed)
     start, steps = time.perf_counter(), 0
     while steps < args.steps and time.perf_counter() - start < 60 * args.minutes:
         algorithm.update([next(sampler) for _ in range(hparams["meta_batch_size"])])
         steps += 1
     train_s = time.perf_counter() - start
-    test = EpisodeSampler(cells_of(dataset, TEST_ENVS, unrotated_only=True), n_way, k_shot, TEST_QUERIES,
-                          name_seed(args.seed, f"test-{setting}"), same_domain=False)
+    test = held_out_sampler(dataset, n_way, k_shot, name_seed(args.seed, f"test-{setting}"))
     acc, ci = episode_accuracy(algorithm, test, args.episodes)
     result = {**key, "acc": acc, "ci95": ci, "steps": steps, "train_s": train_s,
               "threads": torch.get_num_threads() if device.type == "cpu" else None}
@@ -120,8 +128,9 @@ def markdown(results: list[dict], names: list[str], args: argparse.Namespace, de
         SECTION, "",
         f"`python bench/fewshot_omniglot.py --steps {args.steps} --minutes {args.minutes} --episodes {args.episodes}` "
         f"({time.strftime('%Y-%m-%d')}, {device.type}, torch {torch.__version__}, Python {platform.python_version()}). "
-        "Meta-trained on images_background_small1 (5 alphabets, rotations as classes), tested on the unrotated "
-        "characters of Japanese (katakana), Sanskrit and Tagalog; accuracy % with 95% CI over "
+        f"Meta-trained on the in split ({100 * (1 - HOLDOUT_FRACTION):.0f}%, as `dg_meta.train` uses) of "
+        "images_background_small1 (5 alphabets, rotations as classes), episodes pooling its classes; tested on "
+        "the unrotated characters of Japanese (katakana), Sanskrit and Tagalog; accuracy % with 95% CI over "
         f"{args.episodes} episodes (15 queries per class); error % on the official 20 within-alphabet "
         "one-shot runs with the 20-way 1-shot model; training steps (minutes, CPU threads) per setting.", "",
         "| algorithm | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot | 20 runs error | steps (min, threads) |",

@@ -5,6 +5,11 @@ Layout: ``DATA_DIR/miniImageNet/images/<file>.jpg`` plus ``train.csv``, ``val.cs
 ``train``, ``val`` and ``test``; the default ``--test-envs 1 2`` meta-trains on ``train`` and scores
 episodes on the novel classes of ``val`` (model selection) and ``test``. Images are decoded on fetch,
 resized to 84x84 (bilinear) and normalised with the ImageNet mean and standard deviation.
+
+Class ids are global (numbered in split order), and each domain is a whole class split, so the
+``per_domain`` episode protocol (one domain per episode) is exactly Ravi & Larochelle's: an episode draws
+its classes from the pool of one split's classes. ``class_pool`` would pool the held-out ``val`` and
+``test`` classes into one test pool, mixing the model-selection classes into the reported number.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class MiniImageNet(MultiDomainDataset):
     N_STEPS = 60001
     CHECKPOINT_FREQ = 2000
     DEFAULT_TEST_ENVS = [1, 2]
+    EPISODE_PROTOCOL = "per_domain"
 
     def __init__(self, root: str | None, hparams: dict):
         super().__init__(root, hparams)

@@ -10,6 +10,13 @@
 Images are inverted (strokes 1, background 0) and resized with Lanczos to 28x28. With the hparam
 ``rotation_classes`` every character rotated by 90, 180 and 270 degrees is a class of its own (the
 standard augmentation of Santoro et al. 2016 and Vinyals et al. 2016): class ``4 c + r``.
+
+Character ids are global (numbered across alphabets in domain order), so the episode protocol is
+``class_pool``: an episode's classes are drawn from all training alphabets together, and test episodes
+from all held-out alphabets together, rather than one alphabet per episode: Vinyals et al. 2016 (Sec. 4.1.1)
+split Omniglot by character (1,200 train, 423 test), and MAML's official ``data_generator.py``
+(``DataGenerator.__init__``, ``'omniglot'``) shuffles all characters into one pool before splitting and
+samples each task's classes from that pool. Here the pools are whole alphabets (Lake et al.'s split).
 """
 
 from __future__ import annotations
@@ -113,6 +120,7 @@ class _OmniglotDomains(MultiDomainDataset):
     """Shared construction: one domain per alphabet folder, global character ids in domain order."""
 
     INPUT_SHAPE = (1, SIDE, SIDE)
+    EPISODE_PROTOCOL = "class_pool"
     N_STEPS = 5001
     CHECKPOINT_FREQ = 500
     HPARAMS = ROTATION_HPARAM

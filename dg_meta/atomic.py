@@ -15,11 +15,26 @@ from typing import IO, Any
 import torch
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# read once, at import (single-threaded): os.umask can only be read by setting it, which is not thread-safe
+_UMASK = _read_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write(f)`` on a temporary binary file next to ``path`` and rename it onto ``path``."""
+    """Call ``write(f)`` on a temporary binary file next to ``path`` and rename it onto ``path``.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give (``0o666`` less the user's umask),
+    not ``mkstemp``'s private ``0o600``, so a lab's shared sweep folder stays readable to colleagues.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

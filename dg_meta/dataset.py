@@ -15,6 +15,8 @@ from torch import Tensor
 from dg_meta.hparams import HParam, int_log2_uniform, positive
 from dg_meta.splits import DomainSplits, split_domains
 
+EPISODE_PROTOCOLS = ("class_pool", "per_domain")
+
 
 class Domain:
     """One domain: ``labels`` (long, CPU) and ``batch(idx)`` giving ``(x, y)`` on the domain's device."""
@@ -74,6 +76,12 @@ class MultiDomainDataset:
     Subclasses set ``ENVIRONMENTS`` (domain names), ``INPUT_SHAPE``, ``NUM_CLASSES``, ``N_STEPS`` (default
     training steps), ``CHECKPOINT_FREQ`` and fill ``self.domains`` in ``__init__(root, hparams)``.
     ``HPARAMS`` declared here are shared by every algorithm trained on the dataset.
+
+    ``EPISODE_PROTOCOL`` says how few-shot episodes are drawn (``dg_meta.samplers.EpisodeSampler``):
+    ``"per_domain"`` (the default: DG and cross-domain few-shot datasets) draws each episode's classes from
+    one domain; ``"class_pool"`` (class-split few-shot datasets whose domains are groups of globally numbered
+    classes, e.g. Omniglot's alphabets) draws them from the pooled classes of all training domains, or of all
+    held-out domains at test time. ``--episode-protocol`` overrides it.
     """
 
     ENVIRONMENTS: ClassVar[list[str]] = []
@@ -82,6 +90,7 @@ class MultiDomainDataset:
     N_STEPS: ClassVar[int] = 5001
     CHECKPOINT_FREQ: ClassVar[int] = 100
     DEFAULT_TEST_ENVS: ClassVar[list[int]] = [0]
+    EPISODE_PROTOCOL: ClassVar[str] = "per_domain"
     HPARAMS: ClassVar[dict[str, HParam]] = {
         "batch_size": HParam(64, int_log2_uniform(3, 9), positive, "a positive integer",
                              "examples per training domain per step"),

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import pkgutil
+import sys
+import traceback
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TypeVar
 
 from dg_meta.errors import UsageError
@@ -24,10 +28,13 @@ _discovered = False
 
 
 def _register(table: dict[str, type], kind: str, cls: T, name: str | None) -> T:
+    """Register ``cls``; the same class re-imported (same module and qualified name) replaces itself, any
+    other class under a taken name is refused with a one-line ``UsageError``."""
     key = name or cls.__name__
     existing = table.get(key)
-    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
-        raise ValueError(f"{kind} name '{key}' is already registered by {existing.__module__}")
+    if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise UsageError(f"{kind} name '{key}' is already registered by {existing.__module__}; {cls.__module__} "
+                         f"must register its class under another name (@register_{kind}(name=...))")
     table[key] = cls
     return cls
 
@@ -67,14 +74,84 @@ def discover() -> None:
 
 
 def load_plugin(module: str) -> None:
-    """Import ``module`` so that its ``@register_*`` decorators run (the CLI's ``--plugin``)."""
+    """Import ``module`` (a module name, or the path of a ``.py`` file) so that its ``@register_*`` decorators
+    run (the CLI's ``--plugin``). Every way it can fail is one ``UsageError`` line naming the fix: not found,
+    a syntax error, a module it imports that is not installed, a name already registered, an error while
+    importing, or an algorithm that does not implement the interface. A plug-in that fails registers nothing."""
+    discover()
+    before = dict(ALGORITHMS), dict(DATASETS)
     try:
-        importlib.import_module(module)
+        _load_plugin(module)
+    except UsageError:
+        for table, saved in zip((ALGORITHMS, DATASETS), before):
+            table.clear()
+            table.update(saved)
+        raise
+
+
+def _load_plugin(module: str) -> None:
+    before = dict(ALGORITHMS)
+    is_file = module.endswith(".py")
+    if is_file and not Path(module).is_file():
+        raise UsageError(f"--plugin {module}: no such file; pass an existing .py file or an importable module name")
+    try:
+        if is_file:
+            _import_file(Path(module))
+        else:
+            importlib.import_module(module)
     except ModuleNotFoundError as exc:
+        if is_file or (exc.name is not None and exc.name != module and not module.startswith(f"{exc.name}.")):
+            raise UsageError(f"--plugin {module} imports '{exc.name}', which is not installed: pip install the "
+                             "package that provides it") from None
         raise UsageError(
             f"--plugin {module}: cannot import it ({exc}); make it importable (pip install it or add "
-            "its folder to PYTHONPATH)"
+            "its folder to PYTHONPATH), or pass the path of its .py file"
         ) from None
+    except SyntaxError as exc:
+        raise UsageError(f"--plugin {module}: syntax error in {exc.filename} line {exc.lineno}: {exc.msg}; fix "
+                         "the plug-in") from None
+    except UsageError as exc:
+        raise UsageError(f"--plugin {module}: {exc}") from None
+    except Exception as exc:  # any error in third-party code becomes one line
+        where = _last_frame_in(exc)
+        raise UsageError(f"--plugin {module} failed while importing{where}: {type(exc).__name__}: {exc}") from None
+    for key, cls in ALGORITHMS.items():
+        if before.get(key) is not cls:
+            _check_algorithm(module, key, cls)
+
+
+def _import_file(path: Path) -> None:
+    """Import a plug-in file as a module named after it (so pickling and re-registration work)."""
+    name = path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"--plugin {path}: not a Python file that can be imported")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
+
+
+def _last_frame_in(exc: BaseException) -> str:
+    """`` (FILE line N)`` of the innermost frame of ``exc``'s traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f" ({frames[-1].filename} line {frames[-1].lineno})" if frames else ""
+
+
+def _check_algorithm(module: str, key: str, cls: type) -> None:
+    """A plug-in algorithm must override ``update``, and ``predict`` unless it is episodic (``adapt``)."""
+    from dg_meta.algorithm import Algorithm
+
+    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+        raise UsageError(f"--plugin {module}: algorithm '{key}' is not a subclass of dg_meta.algorithm.Algorithm")
+    missing = [m for m in ("update", "predict") if getattr(cls, m) is getattr(Algorithm, m)
+               and (m == "update" or cls.predicts_classes)]
+    if missing:
+        raise UsageError(f"--plugin {module}: algorithm '{key}' does not implement {' and '.join(missing)}(): "
+                         "define it on the class (see the README's 'Adding an algorithm')")
 
 
 def _lookup(table: dict[str, type], kind: str, name: str) -> type:

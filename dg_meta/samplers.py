@@ -2,7 +2,11 @@
 
 - ``DomainBatchSampler``: an infinite stream of one minibatch per training domain (DG algorithms).
 - ``EpisodeSampler``: N-way K-shot Q-query episodes from a pool of (domain, class) cells, labels remapped
-  to ``0..N-1`` with the global class ids kept (meta-learners, few-shot evaluation).
+  to ``0..N-1`` with the global class ids kept (meta-learners, few-shot evaluation), under an episode
+  protocol: one domain per episode (``per_domain``) or the whole pool of classes (``class_pool``).
+- ``split_cells``, ``training_episode_sampler``, ``evaluation_episode_samplers``: the episodes of a run,
+  built from its dataset, splits, protocol and seed; ``dg_meta.train`` and the benchmarks both use them,
+  so the same seed gives the same episodes.
 - ``meta_domain_split``: a random meta-train / meta-test split of the training domains (MLDG, Feature-Critic).
 - ``MetaDomainSplitter``: a seeded stream of such splits, checkpointable like the samplers.
 - ``stack_episodes``: E same-shape episodes stacked into one task batch (vmap over tasks).
@@ -18,8 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dg_meta.dataset import Domain
+from dg_meta.dataset import EPISODE_PROTOCOLS, Domain, MultiDomainDataset
 from dg_meta.errors import UsageError
+from dg_meta.hparams import name_seed
+from dg_meta.splits import DomainSplits, class_cells
 
 
 class _Seeded:
@@ -66,6 +72,13 @@ class Cell:
     indices: Tensor
 
 
+def check_protocol(protocol: str) -> str:
+    """``protocol`` if it is one of ``EPISODE_PROTOCOLS``, else a ``UsageError`` naming them."""
+    if protocol not in EPISODE_PROTOCOLS:
+        raise UsageError(f"unknown episode protocol {protocol!r}: choose one of {', '.join(EPISODE_PROTOCOLS)}")
+    return protocol
+
+
 @dataclass
 class Episode:
     """One N-way K-shot task. Support and query are class-major; labels are ``0..N-1``."""
@@ -89,19 +102,20 @@ class Episode:
 class EpisodeSampler(_Seeded):
     """Draws N-way K-shot Q-query episodes from ``cells``.
 
-    With ``same_domain=True`` (the default) an episode first picks one domain, then N of its classes;
-    otherwise it picks N cells with distinct class ids anywhere in the pool. Support and query never
-    share an example. Cells with fewer than K+Q examples are never drawn.
+    With ``protocol="per_domain"`` (the default) an episode first picks one domain, then N of its classes;
+    with ``"class_pool"`` it picks N cells with distinct class ids anywhere in the pool. Support and query
+    never share an example. Cells with fewer than K+Q examples are never drawn.
     """
 
     def __init__(self, cells: list[Cell], n_way: int, k_shot: int, n_query: int, seed: int,
-                 same_domain: bool = True):
+                 protocol: str = "per_domain"):
         super().__init__(seed)
+        check_protocol(protocol)
         if n_way < 1 or k_shot < 1 or n_query < 1:
             raise UsageError(f"episodes need n_way, k_shot, n_query >= 1, got {n_way}, {k_shot}, {n_query}")
         self.cells = [c for c in cells if len(c.indices) >= k_shot + n_query]
         self.n_way, self.k_shot, self.n_query = n_way, k_shot, n_query
-        self.same_domain = same_domain
+        same_domain = protocol == "per_domain"
         groups: dict[int, list[int]] = {}
         for i, cell in enumerate(self.cells):
             groups.setdefault(cell.domain_id if same_domain else 0, []).append(i)
@@ -147,6 +161,56 @@ class EpisodeSampler(_Seeded):
             classes=torch.tensor([c.class_id for c in cells], device=device),
             domains=torch.tensor([c.domain_id for c in cells], device=device),
         )
+
+
+def split_cells(dataset: MultiDomainDataset, splits: DomainSplits, envs: list[int], part: str) -> list[Cell]:
+    """One cell per (domain, class) of ``envs``, over each domain's ``"in"`` or ``"out"`` split or ``"all"``
+    of it (the in part, then the out part, of each class)."""
+    cells = []
+    for env in envs:
+        domain = dataset.domains[env]
+        if part == "all":
+            idx = torch.cat([splits.in_idx[env], splits.out_idx[env]])
+        else:
+            idx = {"in": splits.in_idx, "out": splits.out_idx}[part][env]
+        cells += [Cell(domain, env, c, i) for c, i in class_cells(domain.labels, idx).items()]
+    return cells
+
+
+def training_episode_sampler(dataset: MultiDomainDataset, splits: DomainSplits, protocol: str, n_way: int,
+                             k_shot: int, n_query: int, seed: int) -> EpisodeSampler:
+    """The training episodes of a run seeded ``seed``: the ``in`` splits of the training domains, with their
+    training-time augmentation, drawn under ``protocol`` from the stream ``name_seed(seed, "sampler")``."""
+    cells = [Cell(c.domain.for_training(), c.domain_id, c.class_id, c.indices)
+             for c in split_cells(dataset, splits, splits.train_envs, "in")]
+    return EpisodeSampler(cells, n_way, k_shot, n_query, name_seed(seed, "sampler"), protocol)
+
+
+def evaluation_episode_samplers(dataset: MultiDomainDataset, splits: DomainSplits, protocol: str, n_way: int,
+                                k_shot: int, n_query: int, seed: int) -> dict[str, EpisodeSampler]:
+    """The few-shot evaluation samplers of a run seeded ``seed``, by metric prefix.
+
+    ``per_domain``: ``env{i}`` for every domain, over all examples of a held-out domain and the ``out``
+    split of a training domain. ``class_pool``: ``val`` over the ``out`` splits of all training domains and
+    ``test`` over all examples of all held-out domains, each pooling the classes of its domains. Each
+    sampler is seeded by its prefix, so every checkpoint is scored on the same episodes; a pool without
+    ``n_way`` classes of ``k_shot + n_query`` examples has no sampler.
+    """
+    test_envs, train_envs = splits.test_envs, splits.train_envs
+    if check_protocol(protocol) == "class_pool":
+        pools = {"val": split_cells(dataset, splits, train_envs, "out"),
+                 "test": split_cells(dataset, splits, test_envs, "all")}
+    else:
+        pools = {f"env{env}": split_cells(dataset, splits, [env], "all" if env in test_envs else "out")
+                 for env in range(len(dataset.domains))}
+    samplers = {}
+    for name, cells in pools.items():
+        try:
+            samplers[name] = EpisodeSampler(cells, n_way, k_shot, n_query, name_seed(seed, f"fs-eval-{name}"),
+                                            protocol)
+        except UsageError:
+            continue
+    return samplers
 
 
 def meta_domain_split(domains: list[int], n_meta_test: int, generator: torch.Generator

@@ -27,13 +27,22 @@ import dg_meta
 from dg_meta import registry
 from dg_meta.algorithm import Algorithm
 from dg_meta.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
-from dg_meta.dataset import MultiDomainDataset
+from dg_meta.dataset import EPISODE_PROTOCOLS, MultiDomainDataset
 from dg_meta.errors import TrainingError, UsageError
 from dg_meta.evaluation import domain_accuracy, episode_accuracy
+from dg_meta.heartbeat import write_heartbeat
 from dg_meta.hparams import declared_hparams, name_seed, parse_overrides, resolve
+from dg_meta.init_from import init_from_run, run_folder
 from dg_meta.networks import load_pretrained
-from dg_meta.samplers import Cell, DomainBatchSampler, EpisodeSampler
-from dg_meta.splits import DomainSplits, check_test_envs, class_cells
+from dg_meta.samplers import (
+    Cell,
+    DomainBatchSampler,
+    EpisodeSampler,
+    evaluation_episode_samplers,
+    split_cells,
+    training_episode_sampler,
+)
+from dg_meta.splits import DomainSplits, check_test_envs
 
 DEFAULT_DATASET = "RotatedDigits"
 TIMING_KEYS = ("step_time", "eval_time")
@@ -69,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fs-way", type=int, default=5, help="classes per evaluation episode")
     p.add_argument("--fs-shot", type=int, default=1, help="support examples per class in evaluation episodes")
     p.add_argument("--fs-query", type=int, default=15, help="queries per class in evaluation episodes")
+    p.add_argument("--episode-protocol", choices=EPISODE_PROTOCOLS, default=None,
+                   help="how training and evaluation episodes draw classes: per_domain (one domain per episode) "
+                        "or class_pool (the pooled classes of all training, or all held-out, domains); "
+                        "default: the dataset's EPISODE_PROTOCOL")
     p.add_argument("--output-dir", default=None, help="run folder (default: outputs/<name>-<args hash>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--plugin", action="append", default=[], help="module to import for extra algorithms")
@@ -77,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the algorithm's networks (speed only: not part of the run's identity)")
     p.add_argument("--pretrained", default=None, metavar="PATH",
                    help="local torchvision ResNet state dict to initialise the ResNet featurizer (never downloaded)")
+    p.add_argument("--init-from", default=None, metavar="RUN_DIR",
+                   help="initialise a fresh run from RUN_DIR/checkpoint.pt (any algorithm): every weight whose name "
+                        "and shape match is loaded, the rest is listed on stderr; not applied on resume")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="image-folder datasets: leave out images that cannot be decoded (listed on stderr) "
+                        "instead of refusing them; recorded in the run's hparams")
     return p
 
 
@@ -98,6 +117,10 @@ def resolve_run(args: argparse.Namespace) -> dict[str, Any]:
                                 dataset_cls.ENVIRONMENTS)
     hparams = resolve(declared_hparams(dataset_cls, algorithm_cls), args.hparams_seed,
                       parse_overrides(args.hparams))
+    if args.skip_bad_images:  # a data option, not a declared hparam: recorded only when given (keeps identities)
+        if not getattr(dataset_cls, "CHECKS_IMAGE_FILES", False):
+            raise UsageError(f"--skip-bad-images: {args.dataset} reads no image files; drop the flag")
+        hparams["skip_bad_images"] = True
     steps = dataset_cls.N_STEPS if args.steps is None else args.steps
     freq = dataset_cls.CHECKPOINT_FREQ if args.checkpoint_freq is None else args.checkpoint_freq
     if steps < 1 or freq < 1:
@@ -106,18 +129,22 @@ def resolve_run(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--holdout-fraction must be in (0, 1), got {args.holdout_fraction}")
     episodic = algorithm_cls.batch_kind == "episodes"
     fs_episodes = (100 if episodic else 0) if args.fs_episodes is None else args.fs_episodes
+    # recorded only where episodes are drawn, so runs without any keep their identity (and folder name)
+    protocol = {"episode_protocol": args.episode_protocol or dataset_cls.EPISODE_PROTOCOL} \
+        if episodic or fs_episodes > 0 else {}
     pretrained = None
     if args.pretrained is not None:
         if not Path(args.pretrained).is_file():
             raise UsageError(f"--pretrained {args.pretrained}: no such file; pass a local torchvision ResNet "
                              "state dict saved with torch.save(model.state_dict(), PATH)")
         pretrained = str(Path(args.pretrained).resolve())
+    init_from = {} if args.init_from is None else {"init_from": str(run_folder(args.init_from, "--init-from"))}
     return {
         "algorithm": args.algorithm, "dataset": args.dataset, "test_envs": test_envs, "hparams": hparams,
         "hparams_seed": args.hparams_seed, "trial_seed": args.trial_seed, "seed": args.seed,
         "steps": steps, "checkpoint_freq": freq, "holdout_fraction": args.holdout_fraction,
         "fs_episodes": fs_episodes, "fs_way": args.fs_way, "fs_shot": args.fs_shot, "fs_query": args.fs_query,
-        "pretrained": pretrained,
+        "pretrained": pretrained, **init_from, **protocol,
     }
 
 
@@ -155,23 +182,17 @@ class Trainer:
         self.records: list[dict] = []
 
     def _cells(self, envs: list[int], use_in: bool) -> list[Cell]:
-        cells = []
-        for env in envs:
-            domain = self.dataset.domains[env]
-            idx = self.splits.in_idx[env] if use_in else self.splits.out_idx[env]
-            cells += [Cell(domain, env, c, i) for c, i in class_cells(domain.labels, idx).items()]
-        return cells
+        return split_cells(self.dataset, self.splits, envs, "in" if use_in else "out")
 
     def _train_sampler(self) -> DomainBatchSampler | EpisodeSampler:
-        seed = name_seed(self.run["seed"], "sampler")
         train_envs = self.splits.train_envs
         hp = self.run["hparams"]
         if self.algorithm.batch_kind == "episodes":
-            cells = [Cell(c.domain.for_training(), c.domain_id, c.class_id, c.indices)
-                     for c in self._cells(train_envs, use_in=True)]
-            return EpisodeSampler(cells, hp["n_way"], hp["k_shot"], hp["n_query"], seed)
+            return training_episode_sampler(self.dataset, self.splits, self.run["episode_protocol"], hp["n_way"],
+                                            hp["k_shot"], hp["n_query"], self.run["seed"])
         return DomainBatchSampler([self.dataset.domains[e].for_training() for e in train_envs],
-                                  [self.splits.in_idx[e] for e in train_envs], hp["batch_size"], seed)
+                                  [self.splits.in_idx[e] for e in train_envs], hp["batch_size"],
+                                  name_seed(self.run["seed"], "sampler"))
 
     def next_batch(self) -> Any:
         if self.algorithm.batch_kind == "episodes":
@@ -183,31 +204,25 @@ class Trainer:
         metrics: dict[str, float] = {}
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            for env, domain in enumerate(self.dataset.domains):
-                if self.algorithm.predicts_classes:
+            if self.algorithm.predicts_classes:
+                for env, domain in enumerate(self.dataset.domains):
                     metrics[f"env{env}_in_acc"] = domain_accuracy(self.algorithm, domain, self.splits.in_idx[env])
                     metrics[f"env{env}_out_acc"] = domain_accuracy(self.algorithm, domain,
                                                                    self.splits.out_idx[env])
-                if self.run["fs_episodes"] > 0:
-                    metrics.update(self._episode_metrics(env))
+            if self.run["fs_episodes"] > 0:
+                metrics.update(self._episode_metrics())
         return metrics
 
-    def _episode_metrics(self, env: int) -> dict[str, float]:
-        is_test = env in self.splits.test_envs
-        cells = self._cells([env], use_in=True) + self._cells([env], use_in=False) if is_test \
-            else self._cells([env], use_in=False)
-        merged: dict[int, list[torch.Tensor]] = {}
-        for cell in cells:
-            merged.setdefault(cell.class_id, []).append(cell.indices)
-        domain = self.dataset.domains[env]
-        cells = [Cell(domain, env, c, torch.cat(parts)) for c, parts in merged.items()]
-        try:
-            sampler = EpisodeSampler(cells, self.run["fs_way"], self.run["fs_shot"], self.run["fs_query"],
-                                     seed=name_seed(self.run["seed"], f"fs-eval-env{env}"))
-        except UsageError:
-            return {}
-        acc, ci = episode_accuracy(self.algorithm, sampler, self.run["fs_episodes"])
-        return {f"env{env}_fs_acc": acc, f"env{env}_fs_ci": ci}
+    def _episode_metrics(self) -> dict[str, float]:
+        """``{prefix}_fs_acc`` / ``_fs_ci`` per evaluation sampler of the run's protocol: ``env{i}`` per domain
+        (per_domain), or ``val`` and ``test`` pooling the training / held-out classes (class_pool)."""
+        metrics = {}
+        for prefix, sampler in evaluation_episode_samplers(
+                self.dataset, self.splits, self.run["episode_protocol"], self.run["fs_way"], self.run["fs_shot"],
+                self.run["fs_query"], self.run["seed"]).items():
+            acc, ci = episode_accuracy(self.algorithm, sampler, self.run["fs_episodes"])
+            metrics.update({f"{prefix}_fs_acc": acc, f"{prefix}_fs_ci": ci})
+        return metrics
 
     def state(self) -> dict:
         rng = {"torch": torch.get_rng_state()}
@@ -245,6 +260,9 @@ def summary_line(run: dict[str, Any], record: dict, env_names: list[str]) -> str
         value = record.get(key, record.get(f"env{env}_fs_acc"))
         if value is not None:
             parts.append(f"{name} {role} {100 * value:.1f}%")
+    for prefix, pool in (("val", "training classes"), ("test", "held-out classes")):  # class_pool episodes
+        if f"{prefix}_fs_acc" in record:
+            parts.append(f"{pool} {prefix} {100 * record[f'{prefix}_fs_acc']:.1f}%")
     return f"{run['algorithm']} on {run['dataset']} step {record['step']}: " + " | ".join(parts)
 
 
@@ -282,6 +300,8 @@ def train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, pro
         trainer.load(torch.load(ckpt_path, map_location=trainer.device, weights_only=True))
         _write_records(results_path, trainer.records)
     else:
+        if run.get("init_from"):
+            print(init_from_run(trainer.algorithm, run["init_from"]), file=sys.stderr)
         atomic_write_json(args_path, {
             "run": run, "command": sys.argv, "device": str(trainer.device), "data_dir": data_dir,
             "versions": {"dg_meta": dg_meta.__version__, "torch": torch.__version__,
@@ -295,6 +315,7 @@ def train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, pro
                                              "trial_seed", "seed")}, "hparams": run["hparams"]}
     sums: dict[str, Any] = {}
     steps_in_interval, interval_start = 0, time.perf_counter()
+    attempt_start, attempt_start_step = time.time(), trainer.step
     bar = tqdm(total=run["steps"], initial=trainer.step, disable=not progress, desc=run["algorithm"],
                dynamic_ncols=True, file=sys.stderr)
     while trainer.step < run["steps"]:
@@ -326,6 +347,7 @@ def train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, pro
         _write_records(results_path, trainer.records)
         _tb_scalars(writer, record)
         atomic_torch_save(ckpt_path, trainer.state())
+        write_heartbeat(output_dir, trainer.step, run["steps"], attempt_start_step, attempt_start)
         bar.set_postfix_str(summary_line(run, record, trainer.dataset.ENVIRONMENTS).split(": ", 1)[1][:80])
         sums, steps_in_interval, interval_start = {}, 0, time.perf_counter()
     bar.close()

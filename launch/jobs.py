@@ -28,6 +28,7 @@ from typing import Any
 from dg_meta import registry
 from dg_meta.atomic import atomic_write_json
 from dg_meta.errors import UsageError
+from dg_meta.heartbeat import format_duration, read_heartbeat
 from dg_meta.train import default_output_dir, parse_args, resolve_run
 
 MANIFEST = "sweep.json"
@@ -37,10 +38,12 @@ LOG_FILE = "log.txt"
 ERROR_FILE = "error.txt"
 DONE_FILE = "done"
 
-DONE, RUNNING, FAILED, NOT_STARTED = "done", "running", "failed", "not started"
-STATES = (DONE, RUNNING, FAILED, NOT_STARTED)
-SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-                "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
+DONE, PENDING, RUNNING, FAILED, NOT_STARTED = "done", "pending", "running", "failed", "not started"
+STATES = (DONE, PENDING, RUNNING, FAILED, NOT_STARTED)
+ACTIVE = (PENDING, RUNNING)  # left alone by launch and delete-incomplete
+SLURM_QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD"}
+SLURM_ACTIVE = SLURM_QUEUED | {"RUNNING", "COMPLETING", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING",
+                               "STAGE_OUT"}
 UNKNOWN_GRACE_S = 120  # a job neither squeue nor sacct knows yet counts as queued this long after submission
 
 
@@ -201,7 +204,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def job_states(jobs: list[Job]) -> list[JobState]:
-    """The state of every job: done, running (queued included), failed (with why) or not started."""
+    """The state of every job: done, pending (queued), running (with its progress), failed (with why) or
+    not started."""
     infos = {job: read_json(job.output_dir / JOB_FILE) for job in jobs}
     slurm = slurm_states([i["slurm_job_id"] for i in infos.values() if i.get("slurm_job_id")])
     return [_job_state(job, infos[job], slurm) for job in jobs]
@@ -217,14 +221,28 @@ def _job_state(job: Job, info: dict[str, Any], slurm: dict[str, str]) -> JobStat
     if info.get("slurm_job_id"):
         state = slurm.get(info["slurm_job_id"], "UNKNOWN")
         recent = time.time() - info.get("submitted", 0) < UNKNOWN_GRACE_S
-        if state in SLURM_ACTIVE or (state == "UNKNOWN" and recent):
-            return JobState(job, RUNNING, f"slurm job {info['slurm_job_id']} {state}", log)
+        if state in SLURM_QUEUED or (state == "UNKNOWN" and recent):
+            return JobState(job, PENDING, f"slurm job {info['slurm_job_id']} {state}", log)
+        if state in SLURM_ACTIVE:
+            return JobState(job, RUNNING, f"slurm job {info['slurm_job_id']} {state}" + _progress(folder), log)
         return JobState(job, FAILED, f"slurm job {info['slurm_job_id']} ended {state} without a traceback", log)
     attempt = read_json(folder / ATTEMPT_FILE)
     if attempt:
         if attempt.get("host") != socket.gethostname():
-            return JobState(job, RUNNING, f"pid {attempt.get('pid')} on {attempt.get('host')} (not checked)", log)
+            return JobState(job, RUNNING, f"pid {attempt.get('pid')} on {attempt.get('host')} (not checked)"
+                            + _progress(folder), log)
         if _pid_alive(int(attempt["pid"])):
-            return JobState(job, RUNNING, f"pid {attempt['pid']}", log)
+            return JobState(job, RUNNING, f"pid {attempt['pid']}" + _progress(folder), log)
         return JobState(job, FAILED, f"process {attempt['pid']} ended without finishing (killed?)", log)
+    launcher_pid = info.get("launcher_pid")
+    if launcher_pid and info.get("launcher_host") == socket.gethostname() and _pid_alive(int(launcher_pid)):
+        return JobState(job, PENDING, f"queued in launcher process {launcher_pid}", log)
     return JobState(job, NOT_STARTED)
+
+
+def _progress(folder: Path) -> str:
+    """``, step 120/500, ETA 4m10s`` from the run's heartbeat (empty before its first checkpoint)."""
+    beat = read_heartbeat(folder)
+    if beat is None:
+        return ", no checkpoint yet"
+    return f", step {beat.step}/{beat.steps}, ETA {format_duration(beat.eta_seconds())}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ import torch
 
 from dg_meta.errors import UsageError
 
-from .jobs import ERROR_FILE, LOG_FILE, RUNNING, Job, job_states, write_job_file
+from .jobs import ACTIVE, ERROR_FILE, LOG_FILE, Job, job_states, write_job_file
 from .runner import execute, log_line
 
 LAUNCHERS = ("local", "multiprocess", "slurm")
@@ -40,11 +41,19 @@ LAUNCHERS = ("local", "multiprocess", "slurm")
 def _prepare(job: Job, launcher: str, cpus: int, **info: Any) -> None:
     job.output_dir.mkdir(parents=True, exist_ok=True)
     (job.output_dir / ERROR_FILE).unlink(missing_ok=True)
-    write_job_file(job, cpus=cpus, launcher=launcher, submitted=time.time(), **info)
+    write_job_file(job, cpus=cpus, launcher=launcher, submitted=time.time(), launcher_pid=os.getpid(),
+                   launcher_host=socket.gethostname(), **info)
+
+
+def _queue(jobs: list[Job], launcher: str, cpus: int) -> None:
+    """Mark ``jobs`` as queued in this launcher process, so ``status`` shows them pending until they start."""
+    for job in jobs:
+        _prepare(job, launcher, cpus)
 
 
 def launch_local(jobs: list[Job], cpus: int = 1) -> None:
     """Run ``jobs`` one after another in this process (their output goes to each ``log.txt``)."""
+    _queue(jobs, "local", cpus)
     for i, job in enumerate(jobs, 1):
         _prepare(job, "local", cpus)
         print(f"[{i}/{len(jobs)}] {job.name}", flush=True)
@@ -78,6 +87,7 @@ def launch_multiprocess(jobs: list[Job], cpus: int = 1, workers: int | None = No
         finally:
             slots.put(slot)
 
+    _queue(jobs, "multiprocess", cpus)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(run_one, jobs))
 
@@ -137,9 +147,9 @@ def launch_slurm(jobs: list[Job], folder: Path, options: SlurmOptions) -> list[s
 
 
 def wait(jobs: list[Job], poll_s: float = 3.0, timeout_s: float | None = None) -> None:
-    """Block until no job of ``jobs`` is running (queued included)."""
+    """Block until no job of ``jobs`` is pending or running."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while any(s.state == RUNNING for s in job_states(jobs)):
+    while any(s.state in ACTIVE for s in job_states(jobs)):
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"jobs still running after {timeout_s} s")
         time.sleep(poll_s)

@@ -2,7 +2,8 @@
 
 ``launch`` defines the jobs (datasets x algorithms x held-out domains x hparams seeds x trials), skips the
 ones that are done or running and runs the failed and unstarted ones with the chosen launcher;
-``--dry-run`` lists them. ``status`` counts done / running / failed / not started jobs and shows each
+``--dry-run`` lists them. ``status`` counts done / pending (queued) / running / failed / not started jobs,
+shows each running job's Slurm id or pid, step / total and ETA (from its ``heartbeat.json``), and each
 failure's log and last traceback line. ``collect`` prints the model-selection tables (``--latex``,
 ``--plot out.png``). ``delete-incomplete`` removes the folders of jobs that are neither done nor running.
 Bad input exits with code 2 and one line.
@@ -27,6 +28,7 @@ from .jobs import (
     DONE,
     FAILED,
     NOT_STARTED,
+    PENDING,
     RUNNING,
     STATES,
     Job,
@@ -99,6 +101,9 @@ def format_status(states: list[JobState]) -> str:
     counts = {s: sum(st.state == s for st in states) for s in STATES}
     lines = [f"{len(states)} jobs: " + ", ".join(f"{counts[s]} {s}" for s in STATES)]
     for st in states:
+        if st.state == RUNNING:
+            lines.append(f"running: {st.job.name}: {st.detail}")
+    for st in states:
         if st.state == FAILED:
             lines += [f"failed: {st.job.name}", f"  log: {st.log}", f"  error: {st.detail}"]
     return "\n".join(lines)
@@ -119,7 +124,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     states = job_states(jobs)
     todo = [s.job for s in states if s.state in (FAILED, NOT_STARTED)]
     count = {s: sum(st.state == s for st in states) for s in STATES}
-    print(f"{len(jobs)} jobs: {count[DONE]} done, {count[RUNNING]} running (left alone); launching "
+    print(f"{len(jobs)} jobs: {count[DONE]} done, {count[PENDING]} pending and {count[RUNNING]} running (left "
+          f"alone); launching "
           f"{count[FAILED]} failed and {count[NOT_STARTED]} not started with --launcher {args.launcher}")
     if args.dry_run:
         for st in states:
@@ -160,8 +166,8 @@ def cmd_delete_incomplete(args: argparse.Namespace) -> int:
     deleted = [s.job for s in states if s.state == FAILED or (s.state == NOT_STARTED and s.job.output_dir.exists())]
     for job in deleted:
         shutil.rmtree(job.output_dir)
-    running = sum(s.state == RUNNING for s in states)
-    print(f"deleted {len(deleted)} incomplete run folders; {running} running jobs left alone")
+    active = sum(s.state in (PENDING, RUNNING) for s in states)
+    print(f"deleted {len(deleted)} incomplete run folders; {active} pending or running jobs left alone")
     return 0
 
 

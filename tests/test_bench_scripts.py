@@ -77,7 +77,7 @@ def test_reproduce_collect_only_writes_its_section(tmp_path, capsys):
     assert "<!-- other:start -->\nkept\n<!-- other:end -->" in text
     assert "<!-- domainbed-reproduction:start -->" in text and "<!-- domainbed-reproduction:end -->" in text
     # training-domain validation picks step 200 (val 0.85 > 0.80): held-out 96 and 94 -> 95.0 ± 1.0
-    assert "| ERM (ours) | 95.0 ± 1.0 |" in text
+    assert "| ERM (ours) | 95.0 ± 1.0 (2) |" in text
     assert "| ERM (DomainBed) | 95.9 |" in text
     # 200 steps x 0.5 s + 2 evaluations x 10 s = 120 s per run, 500 ms per step
     assert "| RotatedMNIST | ERM | 2 | 120 | 500.0 |" in text

@@ -151,16 +151,17 @@ def test_mini_imagenet_missing_files(tmp_path):
         MiniImageNet(str(tmp_path), {})
 
 
-def test_lastshot_on_omniglot_small_tree_through_the_cli(tmp_path):
+def test_protonet_on_omniglot_small_tree_uses_the_class_pool_protocol(tmp_path):
     data = tmp_path / "data"
-    write_alphabets(data / "images_background_small1", SMALL1_ALPHABETS, 3, 4)
-    write_alphabets(data / "images_background_small2", ["Greek", "Latin"] + SMALL2_ONLY_ALPHABETS, 3, 4)
+    write_alphabets(data / "images_background_small1", SMALL1_ALPHABETS, 3, 15)
+    write_alphabets(data / "images_background_small2", ["Greek", "Latin"] + SMALL2_ONLY_ALPHABETS, 3, 15)
     out = tmp_path / "run"
-    result = run_cli("--algorithm", "LastShot", "--dataset", "OmniglotSmall", "--data-dir", str(data),
+    result = run_cli("--algorithm", "ProtoNet", "--dataset", "OmniglotSmall", "--data-dir", str(data),
                      "--steps", "3", "--checkpoint-freq", "3", "--fs-episodes", "2", "--fs-way", "3",
                      "--fs-query", "2", "--output-dir", str(out),
-                     "--hparams", json.dumps({"n_way": 3, "n_query": 1, "pretrain_steps": 1}))
+                     "--hparams", json.dumps({"n_way": 3, "n_query": 1}))
     assert result.returncode == 0, result.stderr
+    assert json.loads((out / "args.json").read_text())["run"]["episode_protocol"] == "class_pool"
     record = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
-    assert {"env5_fs_acc", "env6_fs_acc", "env7_fs_acc"} <= set(record)
-    assert record["kd"] > 0
+    assert {"val_fs_acc", "test_fs_acc", "test_fs_ci"} <= set(record)
+    assert not any(k.startswith("env") and k.endswith("_fs_acc") for k in record)

@@ -1,4 +1,4 @@
-"""ProtoNet, MatchingNet and LastShot: closed-form logits, LastShot's teacher cache and loss, ResNet-12."""
+"""ProtoNet and MatchingNet: closed-form logits, MatchingNet's update; ResNet-12 (LastShot: test_lastshot.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dg_meta import registry
@@ -67,84 +66,6 @@ def test_matchingnet_update_trains_every_parameter(fce):
     assert torch.isfinite(losses["loss"])
     assert all(not torch.equal(a, b) for a, b in zip(before, algo.parameters()))
     assert (algo.fce is not None) == fce
-
-
-def test_lastshot_teacher_embeds_each_class_once_and_is_training_only():
-    torch.manual_seed(0)
-    algo = build("LastShot", n_way=2, k_shot=1, n_query=2, pretrain_steps=2, pretrain_batch_size=8)
-    cells = toy_cells()
-    algo.set_training_classes(cells)
-    calls: list[int] = []
-    original = algo.embed_class
-
-    def counting(class_id: int) -> torch.Tensor:
-        calls.append(class_id)
-        return original(class_id)
-
-    algo.embed_class = counting
-    sampler = EpisodeSampler(cells, 2, 1, 2, seed=0)
-    seen = set()
-    for step in range(10):
-        episode = next(sampler)
-        if step >= 2:
-            seen |= set(episode.classes.tolist())
-        losses = algo.update([episode])
-        assert set(losses) == {"loss", "ce", "kd"}
-    assert bool(algo.teacher_ready)
-    assert sorted(calls) == sorted(seen) and len(seen) > 2
-    teacher_calls = []
-    algo.teacher.register_forward_hook(lambda *_: teacher_calls.append(1))
-    episode = next(sampler)
-    algo.adapt(episode.support_x, episode.support_y)(episode.query_x)
-    assert teacher_calls == []
-
-
-def test_lastshot_teacher_is_frozen_copy_of_pretrained_embedding():
-    torch.manual_seed(0)
-    algo = build("LastShot", n_way=2, k_shot=1, n_query=2, pretrain_steps=1, pretrain_batch_size=8)
-    algo.set_training_classes(toy_cells())
-    sampler = EpisodeSampler(toy_cells(), 2, 1, 2, seed=0)
-    algo.update([next(sampler)])
-    pretrained = {k: v.clone() for k, v in algo.featurizer.state_dict().items()}
-    algo.update([next(sampler)])
-    algo.update([next(sampler)])
-    assert all(torch.equal(pretrained[k], v) for k, v in algo.teacher.state_dict().items())
-    assert not all(torch.equal(pretrained[k], v) for k, v in algo.featurizer.state_dict().items())
-    assert all(not p.requires_grad for p in algo.teacher.parameters())
-
-
-def test_lastshot_loss_is_ce_when_b_is_1_and_the_kd_mix_otherwise():
-    student = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
-    teacher = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
-    y = torch.tensor([0, 1, 2, 0, 1, 2])
-    algo = build("LastShot", n_way=3, kd_balance=1.0)
-    assert torch.equal(algo.distillation_loss(student, teacher, y)["loss"], F.cross_entropy(student, y))
-    algo = build("LastShot", n_way=3, kd_balance=0.25, kd_temperature=2.0)
-    p_t = torch.softmax(teacher / 2, 1)
-    kl = (p_t * (p_t.log() - torch.log_softmax(student / 2, 1))).sum(1).mean()
-    expected = 0.75 * 4 * kl + 0.25 * F.cross_entropy(student, y)
-    assert torch.allclose(algo.distillation_loss(student, teacher, y)["loss"], expected, atol=1e-6)
-
-
-def test_lastshot_calibration_starts_as_identity_and_logreg_teacher_fits():
-    torch.manual_seed(0)
-    algo = build("LastShot", n_way=2, k_shot=1, n_query=2, teacher="logreg", pretrain_steps=0)
-    z = torch.randn(3, 2)
-    assert torch.equal(algo.calibration, torch.zeros(2, 2))
-    cells = toy_cells()
-    algo.set_training_classes(cells)
-    episode = next(EpisodeSampler(cells, 2, 1, 2, seed=0))
-    teacher = algo.teacher_logits(episode)
-    assert teacher.shape == (4, 2) and torch.isfinite(teacher).all()
-    assert torch.equal(algo.episode_logits(z[:2], torch.tensor([0, 1]), z, 2),
-                       -torch.cdist(z, z[:2]).pow(2))
-
-
-def test_lastshot_without_training_classes_is_a_usage_error():
-    algo = build("LastShot", n_way=2, k_shot=1, n_query=2)
-    episode = next(EpisodeSampler(toy_cells(), 2, 1, 2, seed=0))
-    with pytest.raises(UsageError, match="set_training_classes"):
-        algo.update([episode])
 
 
 def test_resnet12_shapes_and_size():

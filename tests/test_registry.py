@@ -40,9 +40,11 @@ def test_duplicate_registration_of_a_different_class_is_refused():
     class ERM(Algorithm):
         pass
 
-    ERM.__qualname__ = "Other"
-    with pytest.raises(ValueError, match="algorithm name 'ERM' is already registered"):
+    registry.discover()
+    with pytest.raises(UsageError) as info:
         registry.register_algorithm(ERM)
+    assert str(info.value) == ("algorithm name 'ERM' is already registered by dg_meta.algorithms.erm; test_registry "
+                               "must register its class under another name (@register_algorithm(name=...))")
 
 
 def _env(path):
@@ -73,3 +75,48 @@ def test_entry_point_group_registers_without_core_edits(tmp_path):
     assert proc.returncode == 0, proc.stderr
     algorithms_line = next(line for line in proc.stdout.splitlines() if line.startswith("algorithms:"))
     assert "EntryPointERM" in algorithms_line.replace(",", " ").split()
+
+
+BAD_PLUGINS = {
+    "syntax": ("class Broken(:\n    pass\n",
+               "--plugin {p}: syntax error in {p} line 1: invalid syntax; fix the plug-in"),
+    "dependency": ("import not_installed_dependency_xyz\n",
+                   "--plugin {p} imports 'not_installed_dependency_xyz', which is not installed: pip install the "
+                   "package that provides it"),
+    "duplicate": ("from dg_meta.algorithms.erm import ERM as Base\nfrom dg_meta.registry import register_algorithm\n"
+                  "@register_algorithm\nclass ERM(Base):\n    pass\n",
+                  "--plugin {p}: algorithm name 'ERM' is already registered by dg_meta.algorithms.erm; {m} must "
+                  "register its class under another name (@register_algorithm(name=...))"),
+    "no_predict": ("import torch\nfrom dg_meta.algorithm import Algorithm\nfrom dg_meta.registry import "
+                   "register_algorithm\n@register_algorithm\nclass NoPredict(Algorithm):\n"
+                   "    def update(self, batch):\n        return {}\n",
+                   "--plugin {p}: algorithm 'NoPredict' does not implement predict(): define it on the class "
+                   "(see the README's 'Adding an algorithm')"),
+    "raises": ("x = 1\nraise RuntimeError('boom')\n",
+               "--plugin {p} failed while importing ({p} line 2): RuntimeError: boom"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_PLUGINS))
+def test_bad_plugins_are_one_line_exit_2_before_training(kind, tmp_path, capsys):
+    from dg_meta.train import main
+
+    source, message = BAD_PLUGINS[kind]
+    path = tmp_path / f"bad_{kind}.py"
+    path.write_text(source)
+    out = tmp_path / "run"
+    registered = dict(registry.ALGORITHMS)
+    assert main(["--plugin", str(path), "--algorithm", "ERM", "--steps", "2", "--output-dir", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: " + message.format(p=path, m=f"bad_{kind}") + "\n"
+    assert captured.out == "" and not out.exists()
+    assert registry.ALGORITHMS == registered
+
+
+def test_plugin_as_a_file_path(tmp_path):
+    path = tmp_path / "file_plugin.py"
+    path.write_text(PLUGIN.replace("MyERM", "FileERM"))
+    registry.load_plugin(str(path))
+    assert registry.get_algorithm("FileERM").__module__ == "file_plugin"
+    with pytest.raises(UsageError, match=r"^--plugin nope\.py: no such file; pass an existing \.py file"):
+        registry.load_plugin("nope.py")

@@ -58,9 +58,20 @@ def test_episodes_deterministic_per_seed_and_resumable():
 
 
 def test_cross_domain_pool_has_distinct_classes():
-    sampler = EpisodeSampler(cells_of(make_domains()), 6, 1, 1, seed=0, same_domain=False)
+    sampler = EpisodeSampler(cells_of(make_domains()), 6, 1, 1, seed=0, protocol="class_pool")
     for _ in range(10):
         assert sorted(next(sampler).classes.tolist()) == list(range(6))
+
+
+def test_protocols_on_globally_numbered_classes():
+    cells = [Cell(c.domain, c.domain_id, c.class_id + 6 * c.domain_id, c.indices) for c in cells_of(make_domains())]
+    per_domain = EpisodeSampler(cells, 4, 1, 1, seed=0)
+    pooled = EpisodeSampler(cells, 4, 1, 1, seed=0, protocol="class_pool")
+    assert all(len(set(next(per_domain).domains.tolist())) == 1 for _ in range(20))
+    mixed = [len(set(next(pooled).domains.tolist())) > 1 for _ in range(20)]
+    assert sum(mixed) > 10  # 4 of 18 classes all from one of 3 domains: about 1 episode in 30
+    with pytest.raises(UsageError, match="no pool has 19 classes"):
+        EpisodeSampler(cells, 19, 1, 1, seed=0, protocol="class_pool")
 
 
 def test_episode_errors():

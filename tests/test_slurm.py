@@ -78,7 +78,7 @@ def test_failure_is_reported_by_status_and_the_others_finish(sweep: dict):
     code, out = sweep["first"]
     assert code == 1 and re.search(r"submitted job array \d+ \(4 tasks\)", out)
     lines = sweep["status"].splitlines()
-    assert lines[0] == "4 jobs: 3 done, 0 running, 1 failed, 0 not started"
+    assert lines[0] == "4 jobs: 3 done, 0 pending, 0 running, 1 failed, 0 not started"
     assert lines[1].startswith("failed: Brittle-RotatedDigits-te0-")
     log = Path(lines[2].removeprefix("  log: "))
     assert log.name.endswith("_log.err") and "ValueError: bad hparam lr=" in log.read_text()
@@ -88,9 +88,10 @@ def test_failure_is_reported_by_status_and_the_others_finish(sweep: dict):
 def test_relaunch_reruns_only_failed_and_unstarted_jobs(sweep: dict):
     code, out = sweep["second"]
     assert code == 0
-    assert out.splitlines()[0] == ("8 jobs: 3 done, 0 running (left alone); launching 1 failed and 4 not started "
+    assert out.splitlines()[0] == ("8 jobs: 3 done, 0 pending and 0 running (left alone); "
+                                   "launching 1 failed and 4 not started "
                                    "with --launcher slurm")
-    assert out.splitlines()[-1] == "5 jobs: 5 done, 0 running, 0 failed, 0 not started"
+    assert out.splitlines()[-1] == "5 jobs: 5 done, 0 pending, 0 running, 0 failed, 0 not started"
     after = {n: json.loads((d / "attempt.json").read_text())["attempt"] for n, d in run_dirs(sweep["dir"]).items()}
     first = sweep["attempts"]
     assert len(first) == 4 and len(after) == 8

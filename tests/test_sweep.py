@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -97,8 +98,8 @@ def test_dry_run_lists_jobs_and_runs_nothing(tmp_path: Path, capsys):
     assert sweep_main(["launch", "--output-dir", str(tmp_path), "--algorithms", "ERM", "--test-envs", "2",
                        "--dry-run", *SMALL]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == ("1 jobs: 0 done, 0 running (left alone); launching 0 failed and 1 not started "
-                        "with --launcher local")
+    assert lines[0] == ("1 jobs: 0 done, 0 pending and 0 running (left alone); "
+                        "launching 0 failed and 1 not started with --launcher local")
     assert lines[1].startswith("not started  python -m dg_meta.train --algorithm ERM --dataset RotatedDigits "
                                "--test-envs 2 --hparams-seed 0")
     assert list(tmp_path.iterdir()) == []
@@ -106,7 +107,7 @@ def test_dry_run_lists_jobs_and_runs_nothing(tmp_path: Path, capsys):
 
 def test_local_sweep_finishes_and_relaunch_starts_nothing(local_sweep: Path, capsys):
     assert sweep_main(["status", "--output-dir", str(local_sweep)]) == 0
-    assert capsys.readouterr().out == "2 jobs: 2 done, 0 running, 0 failed, 0 not started\n"
+    assert capsys.readouterr().out == "2 jobs: 2 done, 0 pending, 0 running, 0 failed, 0 not started\n"
     assert sweep_main(["launch", "--output-dir", str(local_sweep), "--algorithms", "ERM", "--test-envs", "0", "1",
                        *SMALL]) == 0
     assert "launching 0 failed and 0 not started" in capsys.readouterr().out
@@ -137,7 +138,7 @@ def test_tensorboard_event_files_hold_scalars_and_hparams(local_sweep: Path):
 def test_multiprocess_launcher_gives_the_same_results(local_sweep: Path, tmp_path: Path, capsys):
     assert sweep_main(["launch", "--output-dir", str(tmp_path), "--algorithms", "ERM", "--test-envs", "0", "1",
                        "--launcher", "multiprocess", "--workers", "2", *SMALL]) == 0
-    assert "2 jobs: 2 done, 0 running, 0 failed, 0 not started" in capsys.readouterr().out
+    assert "2 jobs: 2 done, 0 pending, 0 running, 0 failed, 0 not started" in capsys.readouterr().out
     local, multi = run_dirs(local_sweep), run_dirs(tmp_path)
     assert sorted(local) == sorted(multi)
     for name in local:
@@ -155,7 +156,7 @@ def test_failure_is_reported_and_relaunch_reruns_only_failed_and_unstarted(tmp_p
     capsys.readouterr()
     assert sweep_main(["status", "--output-dir", str(sweep)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "2 jobs: 1 done, 0 running, 1 failed, 0 not started"
+    assert lines[0] == "2 jobs: 1 done, 0 pending, 0 running, 1 failed, 0 not started"
     assert lines[1].startswith("failed: Brittle-RotatedDigits-te0-")
     failed = sweep / lines[1].split(": ")[1]
     assert lines[2] == f"  log: {failed / 'log.txt'}"
@@ -166,9 +167,10 @@ def test_failure_is_reported_and_relaunch_reruns_only_failed_and_unstarted(tmp_p
     flag.unlink()
     assert sweep_main(base + ["0", "1"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == ("4 jobs: 1 done, 0 running (left alone); launching 1 failed and 2 not started "
+    assert out.splitlines()[0] == ("4 jobs: 1 done, 0 pending and 0 running (left alone); "
+                                   "launching 1 failed and 2 not started "
                                    "with --launcher local")
-    assert out.splitlines()[-1] == "3 jobs: 3 done, 0 running, 0 failed, 0 not started"
+    assert out.splitlines()[-1] == "3 jobs: 3 done, 0 pending, 0 running, 0 failed, 0 not started"
     attempts = {n: json.loads((d / "attempt.json").read_text())["attempt"] for n, d in run_dirs(sweep).items()}
     assert attempts == {n: 2 if n == failed.name else 1 for n in attempts}
     assert set(done_before) <= set(attempts) and not (failed / "error.txt").exists()
@@ -184,17 +186,18 @@ def test_status_of_a_vanished_process_and_delete_incomplete(tmp_path: Path, caps
     (state,) = jobs_mod.job_states([job])
     assert (state.state, state.detail) == ("failed", f"process {pid} ended without finishing (killed?)")
     assert sweep_main(["delete-incomplete", "--output-dir", str(tmp_path)]) == 0
-    assert capsys.readouterr().out == "deleted 1 incomplete run folders; 0 running jobs left alone\n"
+    assert capsys.readouterr().out == "deleted 1 incomplete run folders; 0 pending or running jobs left alone\n"
     assert not job.output_dir.exists()
     assert sweep_main(["status", "--output-dir", str(tmp_path)]) == 0
-    assert capsys.readouterr().out == "1 jobs: 0 done, 0 running, 0 failed, 1 not started\n"
+    assert capsys.readouterr().out == "1 jobs: 0 done, 0 pending, 0 running, 0 failed, 1 not started\n"
 
 
 @pytest.mark.parametrize("state, submitted_ago, expected", [
-    ("RUNNING", 999, ("running", "slurm job 7_1 RUNNING")),
-    ("PENDING", 999, ("running", "slurm job 7_1 PENDING")),
+    ("RUNNING", 999, ("running", "slurm job 7_1 RUNNING, no checkpoint yet")),
+    ("PENDING", 999, ("pending", "slurm job 7_1 PENDING")),
+    ("REQUEUED", 999, ("pending", "slurm job 7_1 REQUEUED")),
     ("FAILED", 999, ("failed", "slurm job 7_1 ended FAILED without a traceback")),
-    (None, 5, ("running", "slurm job 7_1 UNKNOWN")),
+    (None, 5, ("pending", "slurm job 7_1 UNKNOWN")),
     (None, 999, ("failed", "slurm job 7_1 ended UNKNOWN without a traceback")),
 ])
 def test_slurm_states_map_to_job_states(tmp_path: Path, state, submitted_ago, expected):
@@ -221,3 +224,47 @@ def test_slurm_launcher_without_sbatch_is_one_line_error(tmp_path: Path, monkeyp
     assert sweep_main(["launch", "--output-dir", str(tmp_path / "s"), "--algorithms", "ERM", "--test-envs", "0",
                        "--launcher", "slurm", *SMALL]) == 2
     assert capsys.readouterr().err.startswith("error: --launcher slurm needs Slurm's sbatch on PATH")
+
+
+def test_running_job_shows_step_and_eta_from_its_heartbeat(tmp_path: Path, capsys, monkeypatch):
+    from dg_meta import heartbeat
+
+    run = tmp_path / "ERM-run"
+    run.mkdir()
+    # 40 of 100 steps done in this attempt, which started 80 s ago at step 0 -> 2 s/step; 60 left -> 120 s
+    monkeypatch.setattr(heartbeat.time, "time", lambda: 1000.0)
+    heartbeat.write_heartbeat(run, 40, 100, 0, 920.0)
+    beat = heartbeat.read_heartbeat(run)
+    assert (beat.step, beat.steps, beat.seconds_per_step) == (40, 100, 2.0)
+    assert beat.eta_seconds(now=1030.0) == 90.0
+    (run / "job.json").write_text(json.dumps({"argv": ["--algorithm", "ERM"], "slurm_job_id": "9_3",
+                                              "submitted": 0}))
+    monkeypatch.setattr(jobs_mod, "slurm_states", lambda ids: {"9_3": "RUNNING"})
+    assert sweep_main(["status", "--output-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "1 jobs: 0 done, 0 pending, 1 running, 0 failed, 0 not started",
+        "running: ERM-run: slurm job 9_3 RUNNING, step 40/100, ETA 2m00s"]
+
+
+def test_jobs_queued_in_a_live_launcher_are_pending(tmp_path: Path):
+    job = jobs_mod.Job(("--algorithm", "ERM"), tmp_path / "run", {})
+    here = {"launcher_pid": os.getpid(), "launcher_host": socket.gethostname()}
+    assert jobs_mod._job_state(job, here, {}).state == "pending"
+    assert jobs_mod._job_state(job, {**here, "launcher_pid": 2 ** 22 + 7}, {}).state == "not started"
+
+
+def test_durations_read_as_a_person_writes_them():
+    from dg_meta.heartbeat import format_duration
+
+    assert [format_duration(s) for s in (45, 725, 11220)] == ["45s", "12m05s", "3h07m"]
+
+
+def test_finished_runs_leave_a_final_heartbeat(local_sweep: Path):
+    from dg_meta.heartbeat import read_heartbeat
+
+    folders = sorted(p.parent for p in local_sweep.glob("*/done"))
+    assert len(folders) == 2
+    for folder in folders:
+        beat = read_heartbeat(folder)
+        steps = json.loads((folder / "args.json").read_text())["run"]["steps"]
+        assert (beat.step, beat.steps) == (steps, steps) and beat.seconds_per_step > 0
