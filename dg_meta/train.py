@@ -119,7 +119,8 @@ def resolve_run(args: argparse.Namespace) -> dict[str, Any]:
                       parse_overrides(args.hparams))
     if args.skip_bad_images:  # a data option, not a declared hparam: recorded only when given (keeps identities)
         if not getattr(dataset_cls, "CHECKS_IMAGE_FILES", False):
-            raise UsageError(f"--skip-bad-images: {args.dataset} reads no image files; drop the flag")
+            raise UsageError(f"--skip-bad-images: only image-folder datasets (PACS, VLCS, ...) can leave out "
+                             f"unreadable images, not {args.dataset}; drop the flag")
         hparams["skip_bad_images"] = True
     steps = dataset_cls.N_STEPS if args.steps is None else args.steps
     freq = dataset_cls.CHECKPOINT_FREQ if args.checkpoint_freq is None else args.checkpoint_freq

@@ -138,8 +138,8 @@ def test_missing_domain_empty_class_and_class_mismatch(tmp_path):
 def test_unreadable_image_names_its_path(tmp_path, workers):
     root = build_tree(tmp_path, "PACS")
     broken = root / "PACS" / "cartoon" / "car" / "1.png"
-    broken.write_bytes(b"\x89PNG not really")
     dataset = load("PACS", root, workers=workers)
+    broken.write_bytes(b"\x89PNG not really")  # broken after the up-front check: found when decoded
     with pytest.raises(UsageError) as e:
         dataset.domains[1].batch(torch.arange(4))
     dataset.close()
