@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The exact wheels CI pins; override on other machines, e.g. make TORCH_SPEC="torch>=2.4 torchvision>=0.19" demo
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint bench-quick clean
+.PHONY: install demo test lint bench-quick mutation clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# mutation testing of the algorithm files with their own fast tests (not in CI: minutes per file; docs/quality.md)
+# e.g. make mutation FILES="algorithms/erm.py algorithms/protonet.py"; no FILES: every file bench/mutation.py maps
+mutation: install
+	OMP_NUM_THREADS=1 $(PY) bench/mutation.py $(FILES)
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache *.egg-info
