@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from conftest import REPO
 
 from dg_meta import registry
@@ -120,3 +121,18 @@ def test_plugin_as_a_file_path(tmp_path):
     assert registry.get_algorithm("FileERM").__module__ == "file_plugin"
     with pytest.raises(UsageError, match=r"^--plugin nope\.py: no such file; pass an existing \.py file"):
         registry.load_plugin("nope.py")
+
+
+def test_readme_plugin_example_runs_and_honours_the_inherited_hparams(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    source = readme.split("# my_algorithms.py\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "readme_example_plugin.py"
+    path.write_text(source.replace("class MyERM", "class ReadmeERM"))
+    registry.load_plugin(str(path))
+    cls = registry.get_algorithm("ReadmeERM")
+    hparams = {"lr": 0.01, "weight_decay": 0.1, "nonlinear_classifier": True, "my_weight": 1.0}
+    algorithm = cls((1, 16, 16), 10, 2, hparams)
+    assert isinstance(algorithm.head, torch.nn.Sequential)
+    assert algorithm.optimizer.param_groups[0]["weight_decay"] == 0.1
+    batch = [(torch.randn(4, 1, 16, 16), torch.randint(0, 10, (4,))) for _ in range(2)]
+    assert torch.isfinite(algorithm.update(batch)["loss"])
