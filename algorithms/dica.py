@@ -24,6 +24,10 @@ def _is_input_or_featurizer(value: str) -> bool:
     return value in ("input", "featurizer")
 
 
+def _at_least_two(value: int) -> bool:
+    return value >= 2
+
+
 def dica_solve(gram: Tensor, domains: Tensor, n_components: int, lam: float, eps: float,
                labels_onehot: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Solve DICA's generalized eigenproblem and return ``(B, gamma)``: the top ``n_components``
@@ -98,8 +102,8 @@ class DICA(Algorithm):
     HPARAMS = {
         "lr": HParam(1e-2, log_uniform(-3, -1), positive, "positive",
                      "Adam learning rate of the softmax classifier on the (fixed, standardised) DICA features"),
-        "n_fit": HParam(2000, choice([500, 1000, 2000]), positive, "a positive integer",
-                        "maximum size of the kernel fit set"),
+        "n_fit": HParam(2000, choice([500, 1000, 2000]), _at_least_two, "an integer >= 2",
+                        "maximum size of the kernel fit set (the features are standardised by its deviation)"),
         "fit_batches": HParam(10, choice([5, 10, 20]), positive, "a positive integer",
                               "update batches pooled into the fit set before solving"),
         "n_components": HParam(10, choice([5, 10, 20, 50]), positive, "a positive integer",
