@@ -63,8 +63,8 @@ class iMAML(EpisodicAlgorithm):  # noqa: N801 (the method's name)
     products; it is averaged over the meta-batch and applied with Adam. Conv4 with transductive batch norm
     (``track_running_stats=False``) and an ``n_way`` linear head. Evaluation adapts with the same proximal
     steps. Defaults are the official README's Omniglot 5-way 1-shot command (github.com/aravindr93/imaml_dev,
-    ``README.md``: ``--lam 2.0 --inner_lr 1e-1 --n_steps 16 --cg_steps 5 --task_mb_size 32 --outer_lr 1e-3``;
-    16 steps of 0.1 at test, ``measure_accuracy.py --n_steps 16 --inner_lr 1e-1``).
+    ``examples/README.md``: ``--lam 2.0 --inner_lr 1e-1 --n_steps 16 --cg_steps 5 --task_mb_size 32
+    --outer_lr 1e-3``; 16 steps of 0.1 at test, ``measure_accuracy.py --n_steps 16 --inner_lr 1e-1``).
 
     How the official code differs (read, not adopted): (1) inner loop: ``Learner.learn_task``
     (``implicit_maml/learner_model.py``, ``add_regularization=False``) takes plain SGD steps on the support
@@ -74,7 +74,9 @@ class iMAML(EpisodicAlgorithm):  # noqa: N801 (the method's name)
     ``cg_damping = 1`` (README) and ``lam_damping = 10`` (its default), i.e. ``(2I + H/12) x = g`` instead
     of ``(I + H/lam) x = g``; (3) at test ``measure_accuracy.py`` is run with ``--lam 0.0``: plain gradient
     steps, the pull a no-op; (4) the outer Adam has ``eps = 1e-3`` (``Learner.__init__``) and the network
-    (``make_conv_network``) uses stride-2 convolutions instead of max-pooling.
+    (``make_conv_network``) uses stride-2 convolutions instead of max-pooling; (5) its tasks hold K query
+    images per class (``examples/README.md``: 1 for 5-way 1-shot), ours the library's ``n_query = 15``, the
+    episode size every meta-learner here is trained and scored on (override with ``{"n_query": 1}``).
     """
 
     HPARAMS: ClassVar[dict[str, HParam]] = {

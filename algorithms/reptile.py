@@ -22,7 +22,10 @@ INNER_OPTIMIZERS = ("adam", "sgd")
 
 def minibatch_indices(n: int, batch_size: int, steps: int) -> list[Tensor]:
     """``steps`` minibatches of ``min(batch_size, n)`` indices into ``n`` examples, drawn from a stream of
-    concatenated random permutations (each example once per pass; global torch RNG)."""
+    concatenated random permutations (each example once per pass; global torch RNG), as the official
+    ``_mini_batches`` (``supervised_reptile/reptile.py``) cuts its stream of reshuffles, except that a batch
+    larger than the task is capped at ``n`` where the official one fills it from the next reshuffles, with
+    repeats (of the README's commands only transductive 1-shot Omniglot asks for one: eval batch 25 from 5)."""
     size = min(batch_size, n)
     passes = -(-size * steps // n)
     stream = torch.cat([torch.randperm(n) for _ in range(passes)])
