@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from adam_reference import HandAdam
 from conftest import run_cli
 from dg_meta.algorithms.crossgrad import CrossGrad, cross_perturbation
+from search_space import bounds
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -42,6 +43,23 @@ def test_perturbation_is_eps_times_clipped_gradient_of_the_batch_mean_loss():
 def test_defaults_are_the_authors_constants():
     hp = resolve(declared_hparams(CrossGrad))
     assert (hp["crossgrad_eps"], hp["crossgrad_alpha"], hp["crossgrad_clip"]) == (10.0, 0.5, 0.1)
+
+
+def test_random_search_ranges_contain_the_authors_constants():
+    """eps ~ 10^U(0, 1.5) (1 to 31.6, around the authors' 10), a ~ U(0.1, 0.9), clip ~ 10^U(-2, 0)."""
+    hp = CrossGrad.HPARAMS
+    assert bounds(hp["crossgrad_eps"]) == (1.0, pytest.approx(10 ** 1.5))
+    assert bounds(hp["crossgrad_alpha"]) == (0.1, 0.9)
+    assert bounds(hp["crossgrad_clip"]) == (0.01, 1.0)
+
+
+def test_predict_is_the_label_network():
+    torch.manual_seed(0)
+    algo = CrossGrad((4,), 3, 2, {**resolve(declared_hparams(CrossGrad)), "mlp_width": 8})
+    x = torch.randn(5, 4)
+    logits = algo.predict(x)
+    assert logits.shape == (5, 3)
+    assert torch.equal(logits, algo.label_net(x))
 
 
 def mean_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

@@ -8,6 +8,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from adam_reference import HandAdam
+from dg_meta.algorithms.ensemble import DomainHeads
+from search_space import bounds
 
 from dg_meta import registry
 from dg_meta.errors import UsageError
@@ -89,6 +92,41 @@ def test_defaults_are_the_paper_model():
     assert hp["alpha_agnostic"] == 0.25
     drawn = {resolve(declared_hparams(Ensemble), s)["ensemble_form"] for s in range(1, 6)}
     assert drawn == {"paper"}
+
+
+def test_domain_loss_weight_default_and_random_search_ranges():
+    """lambda_domain defaults to 1 (the docstring); search: alpha ~ U(0, 0.5), lambda_domain ~ 10^U(-1, 1)."""
+    assert resolve(declared_hparams(Ensemble), 0)["lambda_domain"] == 1.0
+    assert bounds(Ensemble.HPARAMS["alpha_agnostic"]) == (0.0, 0.5)
+    assert bounds(Ensemble.HPARAMS["lambda_domain"]) == (0.1, 10.0)
+
+
+def test_heads_are_initialised_like_nn_linear():
+    """Every weight and bias ~ U(-1/sqrt(F), 1/sqrt(F)) for F input features (nn.Linear's default init)."""
+    torch.manual_seed(0)
+    heads = DomainHeads(4, 25, 50)
+    for p in (heads.weight.detach(), heads.bias.detach()):
+        assert -0.2 <= float(p.min()) < -0.19 and 0.19 < float(p.max()) <= 0.2
+
+
+@pytest.mark.parametrize("form", ["paper", "weighted_heads"])
+def test_two_updates_are_adam_steps_on_fresh_gradients(form):
+    """The second step's gradient is the second batch's alone (gradients are reset) and Adam carries its moments."""
+    alpha, lam, lr = 0.25, 0.7, 1e-2
+    ens = make(Ensemble, 3, ensemble_form=form, alpha_agnostic=alpha, lambda_domain=lam, lr=lr).double()
+    ref = copy.deepcopy(ens)
+    adam = HandAdam(list(ref.parameters()), lr)
+    for seed in (1, 2):
+        batch = [(x.double(), y) for x, y in domain_batch([4, 3, 5], seed)]
+        with torch.no_grad():
+            for p, q in zip(ref.parameters(), adam.params):
+                p.copy_(q)
+        grads = torch.autograd.grad(hand_losses(ref, batch, form, alpha, lam)[0], list(ref.parameters()))
+        adam.step(list(grads))
+        ens.update(batch)
+    for (name, p), g, q in zip(ens.named_parameters(), grads, adam.params, strict=True):
+        assert torch.allclose(p.grad, g, rtol=0, atol=1e-10), name
+        assert torch.allclose(p.detach(), q, rtol=0, atol=1e-10), name
 
 
 def test_paper_update_matches_hand_reimplementation():

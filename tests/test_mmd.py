@@ -8,9 +8,11 @@ import torch
 from adam_reference import HandAdam
 from conftest import run_cli
 from dg_meta.algorithms.mmdaae import MMDAAE
+from search_space import bounds, drawn
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from dg_meta.errors import UsageError
 from dg_meta.hparams import declared_hparams, resolve
 from dg_meta.kernels import (
     distributional_variance,
@@ -70,6 +72,59 @@ def test_mean_pairwise_mmd_averages_unordered_pairs():
 def tiny_mmdaae():
     hp = resolve(declared_hparams(MMDAAE))
     return MMDAAE((6,), 3, 2, {**hp, "mlp_width": 16})
+
+
+def test_mmdaae_defaults_are_the_documented_ones():
+    """The docstring's defaults (l0 = 1, l1 = 0.1, l2 = 0.1, bandwidths 1, 5, 10, b = 1) and D's lr 1e-3."""
+    hp = resolve(declared_hparams(MMDAAE))
+    assert {k: hp[k] for k in MMDAAE.HPARAMS} == {
+        "recon_weight": 1.0, "mmd_weight": 0.1, "adv_weight": 0.1, "mmd_sigmas": [1.0, 5.0, 10.0],
+        "prior_scale": 1.0, "d_lr": 1e-3}
+
+
+def test_mmdaae_random_search_ranges():
+    """l0 ~ 10^U(-1, 1), l1 ~ 10^U(-2, 3.5) (up to 3162, as the docstring says), l2 ~ 10^U(-2, 0),
+    D's lr ~ 10^U(-4.5, -2.5); the bandwidths and the prior scale are drawn from short lists."""
+    hp = MMDAAE.HPARAMS
+    assert bounds(hp["recon_weight"]) == (0.1, 10.0)
+    assert bounds(hp["mmd_weight"]) == (0.01, pytest.approx(10 ** 3.5))
+    assert bounds(hp["adv_weight"]) == (0.01, 1.0)
+    assert bounds(hp["d_lr"]) == (pytest.approx(10 ** -4.5), pytest.approx(10 ** -2.5))
+    assert bounds(hp["mmd_sigmas"]) == ([1.0, 5.0, 10.0], [2.0, 5.0, 10.0, 20.0])
+    assert drawn(hp["prior_scale"]) == {0.5, 1.0, 2.0}
+
+
+@pytest.mark.parametrize("sigmas", [[2.0], [0.5, 3]])
+def test_mmd_sigmas_accepts_any_non_empty_list_of_positive_numbers(sigmas):
+    assert resolve(declared_hparams(MMDAAE), 0, {"mmd_sigmas": sigmas})["mmd_sigmas"] == sigmas
+
+
+@pytest.mark.parametrize("sigmas", [[], [1.0, -1.0], [0.0], 2.0])
+def test_mmd_sigmas_refuses_anything_else(sigmas):
+    message = f"hparam 'mmd_sigmas' = {sigmas!r} is invalid: it must be a non-empty list of positive numbers"
+    with pytest.raises(UsageError) as info:
+        resolve(declared_hparams(MMDAAE), 0, {"mmd_sigmas": sigmas})
+    assert str(info.value) == message
+
+
+def test_mmdaae_networks_and_what_predict_and_embed_return():
+    """Code layer on the featurizer, decoder MLP code -> 512 -> input, discriminator MLP code -> 256 -> 256 -> 1;
+    ``embed`` is the code ``Q(x)`` and ``predict`` is ``C(Q(x))``."""
+    torch.manual_seed(0)
+    algo = tiny_mmdaae()
+
+    def linear_shapes(net: nn.Module) -> list[tuple[int, int]]:
+        return [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, nn.Linear)]
+
+    code = algo.featurizer.n_outputs
+    assert linear_shapes(algo.encoder)[-1] == (code, code)
+    assert linear_shapes(algo.decoder) == [(code, 512), (512, 6)]
+    assert linear_shapes(algo.discriminator) == [(code, 256), (256, 256), (256, 1)]
+    x = torch.randn(4, 6)
+    codes = algo.encoder(x)
+    assert torch.equal(algo.embed(x), codes)
+    assert torch.equal(algo.predict(x), algo.classifier(codes))
+    assert algo.predict(x).shape == (4, 3)
 
 
 def test_mmdaae_step_updates_discriminator_with_its_own_optimizer():
