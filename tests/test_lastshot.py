@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from dg_meta.algorithms import lastshot as lastshot_module
+from dg_meta.algorithms.fewshot_pretrain import FewShotPretrain
 from dg_meta.algorithms.lastshot import fit_logistic_regression
+from search_space import bounds, drawn
 from torch import nn
 
 from dg_meta import registry
@@ -70,7 +74,7 @@ def teacher_run(tmp_path) -> Path:
 
 
 def test_loss_is_raw_ce_plus_calibrated_kl_to_dot_product_with_normalised_centres(teacher_run):
-    algo = build(teacher_run, n_way=2, temperature=2.0, kd_temperature=2.0, kd_balance=0.3)
+    algo = build(teacher_run, n_way=2, temperature=2.0, kd_temperature=3.0, kd_balance=0.3)
     algo.featurizer, algo.teacher = nn.Flatten(), nn.Flatten()
     centres = {7: [[2.0, 0.0], [4.0, 0.0]], 9: [[0.0, 1.0], [1.0, 1.0]]}  # means (3, 0) and (0.5, 1)
     algo.set_training_classes(vector_cells(centres))
@@ -93,10 +97,10 @@ def test_loss_is_raw_ce_plus_calibrated_kl_to_dot_product_with_normalised_centre
         z = [-((q[0] - c[0]) ** 2 + (q[1] - c[1]) ** 2) / 2.0 for c in support]  # prototypes = the 1-shot support
         s = [0.5 * z[0] - 0.1 * z[1] + 0.1 + z[0], 0.2 * z[0] + 0.3 * z[1] - 0.2 + z[1]]
         t = [q[0] * m[0] + q[1] * m[1] for m in mu]
-        log_pt, log_ps = log_softmax([a / 2.0 for a in t]), log_softmax([a / 2.0 for a in s])
+        log_pt, log_ps = log_softmax([a / 3.0 for a in t]), log_softmax([a / 3.0 for a in s])
         kl += sum(math.exp(a) * (a - b) for a, b in zip(log_pt, log_ps))
         ce -= log_softmax(z)[y]
-    kl, ce = kl / (3 * 2) * 2.0 ** 2, ce / 3  # F.kl_div's default 'mean': over queries and classes
+    kl, ce = kl / (3 * 2) * 3.0 ** 2, ce / 3  # F.kl_div's default 'mean': over queries and classes
     assert losses["ce"].item() == pytest.approx(ce, rel=1e-5)
     assert losses["kd"].item() == pytest.approx(kl, rel=1e-5)
     assert losses["loss"].item() == pytest.approx(0.7 * kl + 0.3 * ce, rel=1e-5)
@@ -216,6 +220,126 @@ def test_student_of_another_architecture_is_reported_not_initialised(tmp_path, c
         "MNISTConvNet; pretrain the student's backbone (--algorithm FewShotPretrain) to initialise both, or "
         "initialise the student with --init-from\n")
     assert type(algo.teacher).__name__ == "MNISTConvNet" and type(algo.featurizer).__name__ == "Conv4"
+
+
+# hparams, the teacher's reconstruction, the training modes and the calibration's optimiser
+
+
+def test_defaults_are_the_official_ones_and_the_search_space_is_the_declared_one():
+    declared = declared_hparams(registry.get_algorithm("LastShot"))
+    names = ("teacher_run", "teacher", "kd_balance", "kd_temperature", "temperature", "kd_c")
+    # github.com/Han-Jia/LastShot model/utils.py: --kd_type NN, --balance 0, --kd_temperature 1, --temperature 64,
+    # --kd_c 1
+    assert {k: resolve(declared, 0)[k] for k in names} == {"teacher_run": "", "teacher": "ncm", "kd_balance": 0.0,
+                                                          "kd_temperature": 1.0, "temperature": 64.0, "kd_c": 1.0}
+    assert drawn(declared["teacher"]) == {"ncm", "logreg"}
+    assert drawn(declared["kd_balance"]) == {0.0, 0.1, 0.5}
+    assert drawn(declared["kd_temperature"]) == {1.0, 4.0, 16.0}
+    assert drawn(declared["temperature"]) == {1.0, 16.0, 64.0}
+    assert bounds(declared["kd_c"]) == pytest.approx((1e-2, 1e2), rel=1e-12)
+    with pytest.raises(UsageError, match=r"^hparam 'teacher' = 'svm' is invalid: it must be ncm or logreg$"):
+        resolve(declared, 0, {"teacher": "svm"})
+
+
+def test_teacher_is_rebuilt_with_its_runs_number_of_training_domains(tmp_path, monkeypatch):
+    built = []
+
+    class Recorder(FewShotPretrain):
+        def __init__(self, input_shape, num_classes, num_domains, hparams):
+            built.append(num_domains)
+            super().__init__(input_shape, num_classes, num_domains, hparams)
+
+    monkeypatch.setitem(registry.ALGORITHMS, "Recorder", Recorder)
+    make_run(tmp_path / "run", algorithm="Recorder")
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    args["run"]["test_envs"] = [1, 3]
+    (tmp_path / "run" / "args.json").write_text(json.dumps(args))
+    built.clear()
+    build(tmp_path / "run")
+    assert built == [4]  # RotatedDigits' six domains less the run's two test domains
+
+
+def test_a_run_without_a_featurizer_is_refused(tmp_path):
+    make_run(tmp_path / "dica", algorithm="DICA")
+    with pytest.raises(UsageError, match="^" + re.escape(
+            f"LastShot hparam teacher_run {tmp_path / 'dica'}: a DICA run has no featurizer; set the hparam "
+            "teacher_run to the folder of a finished pre-training run over all training classes")):
+        build(tmp_path / "dica")
+
+
+def test_train_and_eval_switch_the_student_while_the_teacher_stays_in_eval_mode(teacher_run):
+    algo = build(teacher_run)
+    assert algo.eval() is algo and not algo.featurizer.training and not algo.teacher.training
+    assert algo.train() is algo and algo.featurizer.training and algo.calibration.training
+    assert not algo.teacher.training
+
+
+def test_calibration_is_trained_by_the_students_adam_at_its_learning_rate(teacher_run):
+    algo = build(teacher_run, n_way=2, k_shot=1, n_query=2, kd_balance=0.5)
+    cells = toy_cells()
+    algo.set_training_classes(cells)
+    episode = next(EpisodeSampler(cells, 2, 1, 2, seed=0))
+    params = list(algo.calibration.parameters())
+    grads = torch.autograd.grad(algo.episode_loss(episode)["loss"], params)
+    before = [p.detach().clone() for p in params]
+    algo.update([episode])
+    for p, old, g in zip(params, before, grads):  # Adam's first step: -lr * g / (|g| + eps), lr 1e-3
+        assert torch.allclose(p.detach() - old, -1e-3 * g / (g.abs() + 1e-8), atol=1e-6)
+
+
+def test_logreg_teacher_is_fitted_on_at_most_50_repository_examples_per_class(teacher_run, monkeypatch):
+    fitted = []
+
+    def spy(x, y, c):
+        fitted.append((x, y, c))
+        return torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+
+    monkeypatch.setattr(lastshot_module, "fit_logistic_regression", spy)
+    many, few = [[float(i), 1.0] for i in range(60)], [[-1.0, float(i)] for i in range(3)]
+    algo = build(teacher_run, n_way=2, teacher="logreg", kd_c=0.3)
+    algo.teacher = nn.Flatten()
+    algo.set_training_classes(vector_cells({4: many, 6: few}))
+    episode = Episode(torch.zeros(2, 2), torch.arange(2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long),
+                      torch.tensor([4, 6]), torch.zeros(2))
+    assert algo.teacher_logits(episode).shape == (1, 2)
+    (x, y, c), = fitted
+    assert c == 0.3 and y.tolist() == [0] * 50 + [1] * 3
+    rows = x[:50].tolist()
+    assert len({tuple(r) for r in rows}) == 50 and all(r in many for r in rows)
+    assert sorted(x[50:].tolist()) == sorted(few)
+
+
+def test_embed_class_embeds_every_example_in_order_in_batches_of_256(teacher_run):
+    algo = build(teacher_run)
+    algo.teacher = nn.Flatten()
+    sizes = []
+    algo.teacher.register_forward_hook(lambda _module, inputs, _output: sizes.append(len(inputs[0])))
+    points = [[float(i), -float(i)] for i in range(300)]
+    algo.set_training_classes(vector_cells({2: points}))
+    assert torch.equal(algo.embed_class(2), torch.tensor(points))
+    assert sizes == [256, 44]
+
+
+def test_logistic_regression_solver_settings_and_convergence(monkeypatch):
+    seen = []
+
+    class Spy(torch.optim.LBFGS):
+        def __init__(self, params, **kwargs):
+            seen.append(kwargs)
+            super().__init__(params, **kwargs)
+
+        def step(self, closure):
+            loss = super().step(closure)
+            seen.append(self.state[self._params[0]]["n_iter"])
+            return loss
+
+    monkeypatch.setattr(torch.optim, "LBFGS", Spy)
+    x = torch.tensor([[2.0, 0.1], [1.5, -0.3], [-0.2, 2.1], [0.3, 1.7], [0.1, 0.2]])
+    fit_logistic_regression(x, torch.tensor([0, 0, 1, 1, 0]), 1.0)
+    kwargs, n_iter = seen
+    assert kwargs == {"max_iter": 500, "tolerance_grad": 1e-9, "tolerance_change": 1e-12,
+                      "line_search_fn": "strong_wolfe"}
+    assert 1 < n_iter < 500  # stopped by the tolerances, not by the budget
 
 
 # (d) --init-from

@@ -1,4 +1,5 @@
-"""MatchingNet: the full context embeddings and the episode logits against the paper's equations, by hand.
+"""MatchingNet: the full context embeddings and the episode logits against the paper's equations, by hand;
+the update against an independent re-implementation; the documented hparams.
 
 The reference below re-implements appendix A of Vinyals et al. (2016) one vector at a time with explicit
 LSTM gate equations, reading the weights of the module under test: A.2 ``g(x_i, S) = h_fwd_i + h_bwd_i +
@@ -8,16 +9,23 @@ g'(x_i)``; A.1 ``h^_k, c_k = LSTM(f'(x), [h_{k-1}, r_{k-1}], c_{k-1})``, ``h_k =
 
 from __future__ import annotations
 
+import copy
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
+from dg_meta.algorithms import matchingnet as matchingnet_module
 from dg_meta.algorithms.matchingnet import FullContextEmbedding
+from search_space import bounds, drawn
 from torch import Tensor, nn
 
 from dg_meta import registry
+from dg_meta.dataset import TensorDomain
+from dg_meta.errors import UsageError
 from dg_meta.hparams import declared_hparams, resolve
-from dg_meta.samplers import Episode
+from dg_meta.samplers import Cell, Episode, EpisodeSampler
+from dg_meta.splits import class_cells
 
 WIDTH, STEPS = 3, 3
 SUPPORT_Y = torch.tensor([0, 0, 1, 1])
@@ -125,3 +133,88 @@ def test_episode_logits_and_loss_with_fce_are_the_cosine_attention_over_the_cont
     algo.optimizer = torch.optim.SGD(algo.parameters(), lr=0.0)
     loss = algo.update(batch)["loss"]
     assert abs(float(loss) - float(F.nll_loss(expected, query_y))) < 1e-12
+
+
+def test_logits_match_hand_computed_values_on_2way_2shot():
+    algo = build()
+    algo.featurizer = nn.Flatten()
+    support = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    logits = algo.adapt(support, SUPPORT_Y)(torch.tensor([[2.0, 0.0], [0.6, 0.8]]))
+    e = math.exp
+    # cosines to the four support vectors: (1, 0, -1, 0) and (0.6, 0.8, -0.6, -0.8)
+    z1 = e(1) + 2 + e(-1)
+    z2 = e(0.6) + e(0.8) + e(-0.6) + e(-0.8)
+    expected = torch.tensor([[math.log((e(1) + 1) / z1), math.log((1 + e(-1)) / z1)],
+                             [math.log((e(0.6) + e(0.8)) / z2), math.log((e(-0.6) + e(-0.8)) / z2)]])
+    assert torch.allclose(logits, expected, atol=1e-6)
+    assert torch.allclose(logits.exp().sum(1), torch.ones(2))
+
+
+def toy_cells(n_classes: int = 4, per_class: int = 8, seed: int = 0) -> list[Cell]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    x = torch.rand(len(labels), 1, 16, 16, generator=g) + labels.view(-1, 1, 1, 1) * 0.5
+    domain = TensorDomain("toy", x, labels)
+    return [Cell(domain, 0, c, idx) for c, idx in class_cells(domain.labels, torch.arange(len(labels))).items()]
+
+
+@pytest.mark.parametrize("fce", [False, True])
+def test_update_trains_every_parameter(fce):
+    torch.manual_seed(0)
+    algo = build(fce=fce, n_way=2, k_shot=2, n_query=2, fce_steps=2)
+    sampler = EpisodeSampler(toy_cells(), 2, 2, 2, seed=0)
+    before = [p.detach().clone() for p in algo.parameters()]
+    losses = algo.update([next(sampler)])
+    assert torch.isfinite(losses["loss"])
+    assert all(not torch.equal(a, b) for a, b in zip(before, algo.parameters()))
+    assert (algo.fce is not None) == fce
+
+
+def reference_log_probs(featurizer: nn.Module, episode: Episode) -> Tensor:
+    """Eqs. 1-2 as written, ``log sum_i softmax_i(cos(f(x), g(x_i))) y_i``, support and query embedded in one
+    batch (one batch-norm batch)."""
+    n = len(episode.support_x)
+    z = featurizer(torch.cat([episode.support_x, episode.query_x]))
+    support, query = z[:n], z[n:]
+    cosine = query @ support.t() / (query.norm(dim=1, keepdim=True) * support.norm(dim=1))
+    return (torch.softmax(cosine, 1) @ F.one_hot(episode.support_y, episode.n_way).to(cosine.dtype)).log()
+
+
+def test_two_updates_equal_an_independent_reimplementation(monkeypatch):
+    torch.manual_seed(0)
+    tiny = nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3)).double()
+    reference = copy.deepcopy(tiny)
+    monkeypatch.setattr(matchingnet_module, "fewshot_backbone", lambda name, shape: tiny)
+    algo = build(n_way=2, k_shot=2, n_query=1)
+    g = torch.Generator().manual_seed(3)
+
+    def episode() -> Episode:
+        return Episode(torch.randn(4, 1, 2, 2, generator=g, dtype=torch.float64), SUPPORT_Y,
+                       torch.randn(2, 1, 2, 2, generator=g, dtype=torch.float64), torch.tensor([1, 0]),
+                       torch.tensor([0, 1]), torch.tensor([0, 0]))
+
+    optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3)  # documented: Adam, lr 1e-3, no weight decay
+    for batch in ([episode(), episode()], [episode()]):  # a step averages the losses of its episodes
+        loss = algo.update(batch)["loss"]
+        expected = torch.stack([F.nll_loss(reference_log_probs(reference, e), e.query_y) for e in batch]).mean()
+        optimizer.zero_grad()
+        expected.backward()
+        optimizer.step()
+        assert abs(float(loss) - float(expected.detach())) < 1e-12
+    for name, value in reference.state_dict().items():
+        assert torch.allclose(tiny.state_dict()[name], value, atol=1e-10, rtol=0), name
+
+
+def test_defaults_and_search_space_are_the_documented_ones():
+    declared = declared_hparams(registry.get_algorithm("MatchingNet"))
+    names = ("lr", "fce", "fce_steps", "meta_batch_size", "backbone")
+    # the class docstring: Adam lr 1e-3, one episode per step, K = 5 read steps, FCE off (Table 1 is without it)
+    assert {k: resolve(declared, 0)[k] for k in names} == {"lr": 1e-3, "fce": False, "fce_steps": 5,
+                                                          "meta_batch_size": 1, "backbone": "conv4"}
+    assert drawn(declared["fce"]) == {False, True}
+    assert bounds(declared["fce_steps"]) == (1, 10)
+    assert drawn(declared["lr"]) == {1e-3} and drawn(declared["meta_batch_size"]) == {1}
+    assert drawn(declared["backbone"]) == {"conv4"}
+    assert resolve(declared, 0, {"backbone": "resnet12"})["backbone"] == "resnet12"
+    with pytest.raises(UsageError, match=r"^hparam 'backbone' = 'vgg' is invalid: it must be conv4 or resnet12$"):
+        resolve(declared, 0, {"backbone": "vgg"})
