@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from search_space import drawn
 
 from dg_meta import registry
 from dg_meta.functional import functional_forward, parameters_of
@@ -28,9 +29,15 @@ def make(**overrides):
     return cls(SHAPE, 10, 3, resolve(declared_hparams(cls), 0, overrides))
 
 
-def test_defaults():
+def test_defaults_and_search_space():
     hp = make().hparams
-    assert hp["temperature"] == 0.5 and hp["first_order"] is True and hp["inner_lr"] == 0.1 and hp["inner_steps"] == 5
+    assert (hp["temperature"], hp["first_order"], hp["inner_lr"], hp["inner_steps"], hp["inner_steps_test"]) == \
+        (0.5, True, 0.1, 5, 10)
+    space = declared_hparams(registry.get_algorithm("UnicornMAML"))
+    assert drawn(space["temperature"]) == {0.25, 0.5, 1.0}
+    assert drawn(space["inner_steps"]) == {5, 10, 15, 20}
+    assert drawn(space["inner_steps_test"]) == {10, 20}
+    assert drawn(space["inner_lr"]) == {0.05, 0.1, 0.2}
 
 
 def test_inner_loop_starts_with_every_row_equal_to_w():
@@ -84,10 +91,15 @@ def test_with_cross_entropy_the_rows_gradients_cancel(first_order):
 
 
 def test_query_logits_are_divided_by_the_temperature():
+    """On logits that differ across classes: at ``initial_params`` every class has the same logit, and any
+    scaling of equal logits gives the same loss."""
     algorithm = make(inner_steps=1)
     e = episode(3)
     params = algorithm.initial_params(5)
+    rows = torch.randn(params["1.weight"].shape, generator=torch.Generator().manual_seed(0))
+    params["1.weight"] = params["1.weight"] + rows
     raw = functional_forward(algorithm.network, params, e.query_x)
+    assert (raw.max(1).values - raw.min(1).values).min() > 0.1
     assert torch.allclose(algorithm.outer_loss(raw, e.query_y), F.cross_entropy(raw / 0.5, e.query_y))
 
 
