@@ -111,11 +111,9 @@ class FeatureCritic(ERM):
         critic_loss = -torch.tanh(reward)
         critic_grads = torch.autograd.grad(critic_loss, list(self.critic.parameters()))
 
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(self.critic.parameters(), critic_grads):
+        for p, g in zip(self.critic.parameters(), critic_grads):  # every .grad is set: no zero_grad needed
             p.grad = g
         self.critic_optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         main_grads = [g_ce + g_aux.detach() for g_ce, g_aux in zip(grads_ce, grads_aux)] + list(grads_ce[len(theta):])
         for p, g in zip(list(theta.values()) + phi, main_grads):
             p.grad = g

@@ -116,7 +116,6 @@ class iMAML(EpisodicAlgorithm):  # noqa: N801 (the method's name)
                                                 hp["lam"], hp["cg_steps"]) / len(episodes)
             with torch.no_grad():
                 query_loss += F.cross_entropy(functional_forward(self.network, phi, e.query_x), e.query_y)
-        self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(theta.values(), unflat(meta_grad, list(theta.values()))):
             p.grad = g.clone()
         self.optimizer.step()

@@ -1,12 +1,17 @@
 """FeatureCritic: one whole update against an independent re-implementation, the reward on meta-test data
-only, the critic learns, resume carries the split."""
+only, the critic learns and is the documented MLP, the returned losses, the defaults and search space, split
+seeding, resume."""
 
 from __future__ import annotations
 
 import io
+import math
 
+import pytest
 import torch
 import torch.nn.functional as F
+from dg_meta.algorithms.feature_critic import Critic
+from search_space import bounds, drawn
 from torch.func import functional_call, grad
 
 from dg_meta import registry
@@ -158,3 +163,84 @@ def test_one_update_with_the_default_adam_optimisers_matches_adam_on_the_referen
         adam.step()
         for name, p in getattr(alg, module).named_parameters():
             assert torch.allclose(p, leaves[name], rtol=0, atol=1e-12), f"{module}.{name}"
+
+
+def test_defaults_are_the_official_pacs_settings():
+    """alpha = lr 5e-4 (``reinit_network_P``), beta 0.01 and critic lr 1e-3 (``--beta``, ``--omega`` of
+    ``main_Feature_Critic.py``, PACS), critic width 512 (``self.hh``), one meta-test domain."""
+    hp = resolve(declared_hparams(FeatureCritic))
+    assert (hp["alpha"], hp["beta"], hp["critic_lr"], hp["critic_hidden"], hp["n_meta_test"]) == (
+        5e-4, 0.01, 1e-3, 512, 1)
+    alg = tiny()
+    assert isinstance(alg.critic_optimizer, torch.optim.Adam)
+    assert alg.critic_optimizer.defaults["lr"] == 1e-3
+
+
+def test_random_search_space():
+    """alpha ~ 10^U(-4, -2), beta ~ 10^U(-3, 0), critic lr ~ 10^U(-4, -2), width in {128, 256, 512}."""
+    hp = FeatureCritic.HPARAMS
+    assert bounds(hp["alpha"]) == (pytest.approx(1e-4), pytest.approx(1e-2))
+    assert bounds(hp["beta"]) == (pytest.approx(1e-3), pytest.approx(1.0))
+    assert bounds(hp["critic_lr"]) == (pytest.approx(1e-4), pytest.approx(1e-2))
+    assert drawn(hp["critic_hidden"]) == {128, 256, 512}
+    assert drawn(hp["n_meta_test"]) == {1}
+
+
+def test_critic_is_the_mean_softplus_of_a_one_output_mlp():
+    """``h_w(Z) = mean_i softplus(w_2 relu(W_1 z_i + b_1) + b_2)`` (``Critic_Network_MLP``), by hand."""
+    torch.manual_seed(0)
+    critic = Critic(4, 5).double()
+    assert [tuple(p.shape) for p in critic.parameters()] == [(5, 4), (5,), (1, 5), (1,)]
+    w1, b1, w2, b2 = (p.detach() for p in critic.parameters())
+    z = torch.randn(6, 4, dtype=torch.float64)
+    expected = sum(math.log1p(math.exp(float(w2[0] @ torch.relu(w1 @ z_i + b1) + b2[0]))) for z_i in z) / 6
+    assert float(critic(z).detach()) == pytest.approx(expected, abs=1e-12)
+
+
+def test_split_generator_is_seeded_by_a_62_bit_draw_of_the_global_rng():
+    """The same global seed gives the same split sequence, another seed an unrelated one (62-bit seeds)."""
+    def seed_after(global_seed: int) -> int:
+        torch.manual_seed(global_seed)
+        hp = {**resolve(declared_hparams(FeatureCritic)), "mlp_width": 6, "mlp_depth": 2, "critic_hidden": 5}
+        return FeatureCritic((4,), 3, 3, hp).splitter.generator.initial_seed()
+
+    seeds = [seed_after(s) for s in (0, 0, 1, 2)]
+    assert seeds[0] == seeds[1] and len(set(seeds[1:])) == 3
+    assert all(2**40 < s < 2**62 for s in seeds)
+
+
+def test_returned_losses_are_the_meta_train_terms_by_hand():
+    alg = tiny(alpha=0.5, beta=0.3)
+    alg.splitter = lambda: ([0, 2], [1])
+    batch = tiny_batch()
+    x_tr, y_tr = torch.cat([batch[0][0], batch[2][0]]), torch.cat([batch[0][1], batch[2][1]])
+    with torch.no_grad():
+        features = alg.featurizer(x_tr)
+        ce = float(F.cross_entropy(alg.classifier(features), y_tr))
+        w1, b1, w2, b2 = alg.critic.parameters()
+        h = float(F.softplus(torch.relu(features @ w1.T + b1) @ w2.T + b2).mean())
+    losses = alg.update(batch)
+    assert float(losses["ce_loss"]) == pytest.approx(ce, abs=1e-12)
+    assert float(losses["critic_aux_loss"]) == pytest.approx(0.3 * h, abs=1e-12)
+    assert float(losses["loss"]) == pytest.approx(ce + 0.3 * h, abs=1e-12)
+    assert float(losses["critic_loss"]) == pytest.approx(-math.tanh(float(losses["reward"])), abs=1e-12)
+
+
+def test_training_continues_identically_after_resume():
+    """Weights, both Adam states and the split generator come back: two more steps equal the straight run."""
+    batches = [tiny_batch(seed) for seed in range(4)]
+    straight = tiny(alpha=0.5, beta=1.0)
+    for b in batches:
+        straight.update(b)
+    first = tiny(alpha=0.5, beta=1.0)
+    for b in batches[:2]:
+        first.update(b)
+    buffer = io.BytesIO()
+    torch.save(first.checkpoint_state(), buffer)
+    buffer.seek(0)
+    resumed = tiny(alpha=0.5, beta=1.0)
+    resumed.load_checkpoint_state(torch.load(buffer, weights_only=True))
+    for b in batches[2:]:
+        resumed.update(b)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

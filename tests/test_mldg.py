@@ -1,4 +1,5 @@
-"""MLDG: the exact meta-gradient (against ``higher`` and finite differences), the first-order gap, resume."""
+"""MLDG: the exact meta-gradient (against ``higher`` and finite differences), the first-order gap, two SGD
+steps against a ``torch.func`` re-implementation, the defaults and search space, split seeding, resume."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from search_space import bounds, drawn
 
 from dg_meta import registry
 from dg_meta.errors import UsageError
@@ -169,3 +171,81 @@ def test_trainer_resume_equals_uninterrupted(tmp_path, algorithm):
     steps(resumed, 2)
     for a, b in zip(straight.algorithm.state_dict().values(), resumed.algorithm.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_defaults_are_the_documented_ones():
+    """alpha 0.01 (ours), beta 1 (``run_mldg.sh``: ``--meta_val_beta=1.0``), exact meta-gradient, one
+    meta-test domain; the outer optimiser is Adam at ``lr``."""
+    hp = resolve(declared_hparams(MLDG))
+    assert (hp["alpha"], hp["beta"], hp["second_order"], hp["n_meta_test"]) == (0.01, 1.0, True, 1)
+    alg = tiny()
+    assert isinstance(alg.optimizer, torch.optim.Adam) and alg.optimizer.defaults["lr"] == alg.hparams["lr"]
+
+
+def test_random_search_space():
+    """alpha ~ 10^U(-3, -1), beta ~ 10^U(-1, 1), both meta-gradients, n_meta_test fixed at its default."""
+    hp = MLDG.HPARAMS
+    assert bounds(hp["alpha"]) == (pytest.approx(1e-3), pytest.approx(1e-1))
+    assert bounds(hp["beta"]) == (pytest.approx(0.1), pytest.approx(10.0))
+    assert drawn(hp["second_order"]) == {True, False}
+    assert drawn(hp["n_meta_test"]) == {1}
+
+
+def built_after_global_seed(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return MLDG((4,), 3, 3, {**resolve(declared_hparams(MLDG)), "mlp_width": 6, "mlp_depth": 2})
+
+
+def test_split_generator_is_seeded_by_a_62_bit_draw_of_the_global_rng():
+    """The same global seed gives the same split sequence, another seed an unrelated one (62-bit seeds)."""
+    seeds = [built_after_global_seed(s).splitter.generator.initial_seed() for s in (0, 0, 1, 2)]
+    assert seeds[0] == seeds[1] and len(set(seeds[1:])) == 3
+    assert all(2**40 < s < 2**62 for s in seeds)
+
+
+def reference_step(alg, batch, second_order: bool) -> tuple[dict[str, torch.Tensor], float, float]:
+    """``(meta-gradient, F(theta), G(theta'))`` written from the paper's equations with ``torch.func``: the
+    gradient of ``F(theta) + beta G(theta - alpha grad F(theta))`` (exact), or ``grad F(theta) + beta grad
+    G(theta')`` at the detached ``theta'`` (first order), on the meta-train domains 0, 2 and meta-test 1."""
+    alpha, beta = alg.hparams["alpha"], alg.hparams["beta"]
+    net = alg.network
+    theta = {k: v.detach().clone() for k, v in net.named_parameters()}
+    (x_tr, y_tr), (x_te, y_te) = pooled(batch, SPLIT[0]), pooled(batch, SPLIT[1])
+
+    def loss_f(p):
+        return F.cross_entropy(torch.func.functional_call(net, p, (x_tr,)), y_tr)
+
+    def loss_g(p):
+        return F.cross_entropy(torch.func.functional_call(net, p, (x_te,)), y_te)
+
+    def virtual_step(p):
+        g = torch.func.grad(loss_f)(p)
+        return {k: p[k] - alpha * g[k] for k in p}
+
+    adapted = virtual_step(theta)
+    if second_order:
+        meta_grad = torch.func.grad(lambda p: loss_f(p) + beta * loss_g(virtual_step(p)))(theta)
+    else:
+        g_f, g_g = torch.func.grad(loss_f)(theta), torch.func.grad(loss_g)(adapted)
+        meta_grad = {k: g_f[k] + beta * g_g[k] for k in theta}
+    return meta_grad, float(loss_f(theta)), float(loss_g(adapted))
+
+
+@pytest.mark.parametrize("second_order", [True, False])
+def test_two_updates_with_sgd_move_the_weights_by_the_reference_meta_gradient(second_order):
+    """Plain SGD in place of Adam makes each new weight ``p - lr * g``: the exact size of each step's
+    meta-gradient shows, and the second step sees only its own gradient (zeroed in between)."""
+    alg = tiny(second_order)
+    alg.splitter = lambda: SPLIT
+    alg.optimizer = torch.optim.SGD(alg.network.parameters(), lr=0.2)
+    for seed in (1, 2):
+        batch = tiny_batch(seed)
+        before = {k: v.detach().clone() for k, v in alg.network.named_parameters()}
+        meta_grad, loss_f, loss_g = reference_step(alg, batch, second_order)
+        losses = alg.update(batch)
+        for name, p in alg.network.named_parameters():
+            assert torch.allclose(p, before[name] - 0.2 * meta_grad[name], atol=1e-12, rtol=0), name
+        assert float(losses["meta_train_loss"]) == pytest.approx(loss_f, abs=1e-12)
+        assert float(losses["meta_test_loss"]) == pytest.approx(loss_g, abs=1e-12)
+        assert float(losses["loss"]) == pytest.approx(loss_f + 0.7 * loss_g, abs=1e-12)
+        assert max(float(g.abs().max()) for g in meta_grad.values()) > 1e-3
