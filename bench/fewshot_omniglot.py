@@ -174,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         names = args.algorithms or meta_learners()
+        overrides = parse_overrides(args.hparams)
+        if not args.algorithms and "LastShot" in names and not overrides.get("LastShot", {}).get("teacher_run"):
+            names.remove("LastShot")
+            print("LastShot left out: it needs a finished pretraining run as teacher, --hparams "
+                  "'{\"LastShot\": {\"teacher_run\": RUN_DIR}}' (bench/lastshot_teacher.py makes one)", file=sys.stderr)
         for name in names:
             if registry.get_algorithm(name).batch_kind != "episodes":
                 raise UsageError(f"{name} is not a meta-learner (batch_kind 'episodes'): choose from "
