@@ -1,7 +1,8 @@
 """Error types whose message is a single line the user can act on.
 
 ``UsageError`` is raised for bad input (unknown names, bad hparams, missing data); the CLI prints its
-message as one line and exits with code 2. ``TrainingError`` marks a run that cannot go on (NaN loss).
+message as one line and exits with code 2. ``TrainingError`` marks a run that cannot go on (a non-finite
+loss); the CLI prints it as one line and exits with code 1: a diverged run is not misuse of the command.
 """
 
 

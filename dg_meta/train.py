@@ -4,7 +4,11 @@ It resolves hparams, builds the dataset's in/out splits, feeds ``algorithm.updat
 ``batch_kind`` names, and every ``--checkpoint-freq`` steps evaluates every domain, appends a record to
 ``results.jsonl``, writes TensorBoard scalars and saves ``checkpoint.pt`` atomically (model, optimizers,
 sampler and RNG state, and the records so far). Re-running the same command resumes from the checkpoint;
-a finished run (``done`` present) is not re-run. Bad input exits with code 2 and one line.
+a finished run (``done`` present) is not re-run.
+
+Exit codes: 0 done; 2 bad input (one ``error:`` line, checked before the run folder is created, so a refused
+run writes nothing); 1 a run that diverged (a non-finite loss: not misuse, so not 2); 130 Ctrl-C (one line
+naming the last checkpoint and the command that resumes from it).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -43,6 +48,7 @@ from dg_meta.samplers import (
     training_episode_sampler,
 )
 from dg_meta.splits import DomainSplits, check_test_envs
+from dg_meta.tensorboard_log import RunLog, resolve_log_every
 
 DEFAULT_DATASET = "RotatedDigits"
 TIMING_KEYS = ("step_time", "eval_time")
@@ -82,12 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how training and evaluation episodes draw classes: per_domain (one domain per episode) "
                         "or class_pool (the pooled classes of all training, or all held-out, domains); "
                         "default: the dataset's EPISODE_PROTOCOL")
-    p.add_argument("--output-dir", default=None, help="run folder (default: outputs/<name>-<args hash>)")
+    p.add_argument("--output-dir", default=None,
+                   help="run folder (default: outputs/ALGORITHM/DATASET/te<i>/hp<s>/trial<t>-<args hash>)")
+    p.add_argument("--log-every", type=int, default=None, metavar="N",
+                   help="TensorBoard loss point every N steps (default: steps // 50; not part of the run's identity)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--plugin", action="append", default=[], help="module to import for extra algorithms")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the algorithm's networks (speed only: not part of the run's identity)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (torch.set_num_threads; default: torch's choice; not part of the "
+                        "run's identity); 1 is often fastest on a machine shared with other jobs")
     p.add_argument("--pretrained", default=None, metavar="PATH",
                    help="local torchvision ResNet state dict to initialise the ResNet featurizer (never downloaded)")
     p.add_argument("--init-from", default=None, metavar="RUN_DIR",
@@ -130,6 +142,9 @@ def resolve_run(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--holdout-fraction must be in (0, 1), got {args.holdout_fraction}")
     episodic = algorithm_cls.batch_kind == "episodes"
     fs_episodes = (100 if episodic else 0) if args.fs_episodes is None else args.fs_episodes
+    if fs_episodes < 0 or min(args.fs_way, args.fs_shot, args.fs_query) < 1:
+        raise UsageError(f"--fs-episodes must be >= 0 and --fs-way, --fs-shot, --fs-query >= 1, got {fs_episodes}, "
+                         f"{args.fs_way}, {args.fs_shot}, {args.fs_query}")
     # recorded only where episodes are drawn, so runs without any keep their identity (and folder name)
     protocol = {"episode_protocol": args.episode_protocol or dataset_cls.EPISODE_PROTOCOL} \
         if episodic or fs_episodes > 0 else {}
@@ -153,9 +168,16 @@ def run_hash(run: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def default_output_dir(run: dict[str, Any]) -> Path:
+def run_name(run: dict[str, Any]) -> str:
+    """``ALGORITHM/DATASET/te<i>[-<j>]/hp<s>/trial<t>-<hash>``: the run's folder below a sweep (or ``outputs``),
+    hence its TensorBoard run name; the hash of every other argument keeps different runs apart."""
     envs = "-".join(map(str, run["test_envs"]))
-    return Path("outputs") / f"{run['algorithm']}-{run['dataset']}-te{envs}-{run_hash(run)}"
+    return (f"{run['algorithm']}/{run['dataset']}/te{envs}/hp{run['hparams_seed']}/"
+            f"trial{run['trial_seed']}-{run_hash(run)}")
+
+
+def default_output_dir(run: dict[str, Any]) -> Path:
+    return Path("outputs") / run_name(run)
 
 
 class Trainer:
@@ -246,13 +268,6 @@ def _write_records(path: Path, records: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
-def _tb_scalars(writer: Any, record: dict) -> None:
-    for key, value in record.items():
-        if isinstance(value, (int, float)) and key != "step":
-            group = "acc" if key.endswith(("_acc", "_ci")) else "time" if key in TIMING_KEYS else "loss"
-            writer.add_scalar(f"{group}/{key}", value, record["step"])
-
-
 def summary_line(run: dict[str, Any], record: dict, env_names: list[str]) -> str:
     parts = []
     for env, name in enumerate(env_names):
@@ -274,49 +289,141 @@ def check_compile(algorithm: str) -> None:
                          "networks twice, or is unchecked); run it without --compile")
 
 
+RUN_FILES = ("checkpoint.pt", "results.jsonl", "heartbeat.json", "done")  # written only after args.json
+FINITE_CHECK_EVERY = 10  # steps between reads of the losses' finiteness (one host-device sync per read)
+
+
+def check_output_dir(output_dir: Path, run: dict[str, Any]) -> None:
+    """Refuse, before anything is written, an ``--output-dir`` that cannot hold ``run``: a file or a path through
+    one, a folder whose ``args.json`` is unreadable or holds another run, or a folder with run files but no
+    ``args.json`` (not a complete dg_meta run folder: its arguments cannot be checked, so it is not adopted)."""
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == output_dir else f"cannot be created: {existing} is a file"
+        raise UsageError(f"--output-dir {output_dir} {where}; choose another --output-dir")
+    args_path = output_dir / "args.json"
+    if not args_path.is_file():
+        found = [name for name in RUN_FILES if (output_dir / name).exists()]
+        if found:
+            raise UsageError(f"{output_dir} holds {', '.join(found)} but no args.json, so it is not a complete "
+                             "dg_meta run folder; choose another --output-dir or delete that folder")
+        return
+    try:
+        previous = json.loads(args_path.read_text())["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        previous = None
+    if not isinstance(previous, dict):
+        raise UsageError(f"{args_path} is not the args.json of a dg_meta run (unreadable, or no \"run\" object); "
+                         "choose another --output-dir or delete that folder")
+    current = json.loads(json.dumps(run))
+    if previous != current:
+        diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        raise UsageError(f"{output_dir} holds a run with different arguments ({', '.join(diff)}): "
+                         "choose another --output-dir or delete that folder")
+
+
+def _finished_record(results_path: Path) -> dict:
+    lines = results_path.read_text().splitlines() if results_path.is_file() else []
+    if not lines:
+        raise UsageError(f"{results_path.parent} is marked done but holds no results.jsonl records; delete that "
+                         "folder to run it again")
+    return json.loads(lines[-1])
+
+
+def check_fewshot_pools(dataset: MultiDomainDataset, splits: DomainSplits, run: dict[str, Any]) -> None:
+    """Refuse few-shot evaluation flags under which ``evaluation_episode_samplers`` would skip a pool (a run
+    that finishes without its few-shot metric): ``--fs-way`` above the classes of an evaluated domain (under
+    ``class_pool``: of the pooled training, or held-out, domains), or a held-out pool without ``--fs-way``
+    classes of ``--fs-shot + --fs-query`` examples. A training domain's ``out`` split may still be too small
+    for that many examples per class; its validation episodes are then skipped, as that function says."""
+    if run["fs_episodes"] == 0:
+        return
+    way, need = run["fs_way"], run["fs_shot"] + run["fs_query"]
+    if run["episode_protocol"] == "class_pool":
+        pools = [("the pool of training domains", splits.train_envs, False),
+                 ("the pool of held-out domains", splits.test_envs, True)]
+    else:
+        pools = [(f"domain {dataset.domains[e].name}", [e], e in splits.test_envs)
+                 for e in range(len(dataset.domains))]
+    cells = {name: split_cells(dataset, splits, envs, "all") for name, envs, _ in pools}
+    classes = {name: len({c.class_id for c in pool}) for name, pool in cells.items()}
+    fewest = min(classes, key=classes.get)
+    if way > classes[fewest]:
+        raise UsageError(f"--fs-way {way}: {fewest} has only {classes[fewest]} classes; lower --fs-way to at most "
+                         f"{classes[fewest]}")
+    for name, _, held_out in pools:
+        enough = len({c.class_id for c in cells[name] if len(c.indices) >= need})
+        if held_out and enough < way:
+            raise UsageError(f"--fs-shot {run['fs_shot']} + --fs-query {run['fs_query']}: held-out {name} has only "
+                             f"{enough} classes with {need} examples, fewer than --fs-way {way}; lower --fs-query "
+                             "or --fs-shot")
+
+
+def check_finite(sums: dict[str, Any], since: int, step: int, output_dir: Path, records: list[dict]) -> None:
+    """Raise a ``TrainingError`` if a loss summed since the last checkpoint is not finite.
+
+    A non-finite loss leaves its running sum non-finite (NaN and infinities survive addition), so reading the
+    sums every ``FINITE_CHECK_EVERY`` steps finds the first bad window of steps ``since+1..step`` with one
+    host-device sync for all losses instead of one per step. The message says truthfully whether a checkpoint
+    exists (``records`` are the checkpoint's: appended just before each save)."""
+    keys = [k for k, v in sums.items() if isinstance(v, torch.Tensor)]
+    flags = torch.stack([torch.isfinite(sums[k]).all() for k in keys]).tolist() if keys else []
+    finite = dict(zip(keys, flags)) | {k: math.isfinite(v) for k, v in sums.items() if k not in keys}
+    bad = [k for k, ok in finite.items() if not ok]
+    if bad:
+        kept = (f"the checkpoint of step {records[-1]['step']} in {output_dir} is kept" if records
+                else "no checkpoint was saved before it")
+        raise TrainingError(f"{', '.join(bad)} became non-finite in steps {since + 1}-{step}: lower the learning rate "
+                            f"(--hparams '{{\"lr\": ...}}') and start a new run; {kept}")
+
+
 def train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, progress: bool = True,
-          compile: bool = False) -> dict:
+          compile: bool = False, log_every: int | None = None) -> dict:
     """Train (or resume, or skip if finished) the run in ``output_dir``; return the final record.
 
     ``compile`` wraps the algorithm's ``compile_modules`` with ``torch.compile``: it changes speed and
-    rounding, not the run, so a run may be resumed with or without it.
+    rounding, not the run, so a run may be resumed with or without it. ``log_every`` (default: ``steps // 50``)
+    spaces the TensorBoard loss points (``dg_meta.tensorboard_log``); it is not part of the run either.
     """
     if compile:
         check_compile(run["algorithm"])
-    output_dir.mkdir(parents=True, exist_ok=True)
+    log_every = resolve_log_every(log_every, run["steps"])
     args_path, results_path = output_dir / "args.json", output_dir / "results.jsonl"
     ckpt_path, done_path = output_dir / "checkpoint.pt", output_dir / "done"
-    if args_path.exists():
-        previous = json.loads(args_path.read_text())["run"]
-        if previous != json.loads(json.dumps(run)):
-            diff = sorted(k for k in run if previous.get(k) != json.loads(json.dumps(run[k])))
-            raise UsageError(f"{output_dir} holds a run with different arguments ({', '.join(diff)}): "
-                             "choose another --output-dir or delete that folder")
+    check_output_dir(output_dir, run)
     if done_path.exists():
-        return [json.loads(line) for line in results_path.read_text().splitlines()][-1]
+        return _finished_record(results_path)
+    # everything that can refuse the run comes before the folder is made: a refused run writes nothing
+    trainer = Trainer(run, data_dir, output_dir, device, compile)
+    check_fewshot_pools(trainer.dataset, trainer.splits, run)
+    resume = ckpt_path.exists()
+    init_report = init_from_run(trainer.algorithm, run["init_from"]) if run.get("init_from") and not resume else None
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--output-dir {output_dir}: cannot create it ({exc.strerror}); choose another "
+                         "--output-dir") from None
     for stale in output_dir.glob(".*.tmp"):
         stale.unlink()
-    trainer = Trainer(run, data_dir, output_dir, device, compile)
-    if ckpt_path.exists():
+    if resume:
         trainer.load(torch.load(ckpt_path, map_location=trainer.device, weights_only=True))
         _write_records(results_path, trainer.records)
     else:
-        if run.get("init_from"):
-            print(init_from_run(trainer.algorithm, run["init_from"]), file=sys.stderr)
+        if init_report:
+            print(init_report, file=sys.stderr)
         atomic_write_json(args_path, {
             "run": run, "command": sys.argv, "device": str(trainer.device), "data_dir": data_dir,
             "versions": {"dg_meta": dg_meta.__version__, "torch": torch.__version__,
                          "python": platform.python_version()},
             "host": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         })
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(output_dir / "tb"), purge_step=trainer.step + 1 if trainer.step else None)
+    tb = RunLog(output_dir / "tb", run, trainer.dataset.ENVIRONMENTS, trainer.step, log_every)
     run_info = {"args": {k: run[k] for k in ("algorithm", "dataset", "test_envs", "hparams_seed",
                                              "trial_seed", "seed")}, "hparams": run["hparams"]}
     sums: dict[str, Any] = {}
     steps_in_interval, interval_start = 0, time.perf_counter()
     attempt_start, attempt_start_step = time.time(), trainer.step
+    checked_step = trainer.step  # the losses are known finite up to here
     bar = tqdm(total=run["steps"], initial=trainer.step, disable=not progress, desc=run["algorithm"],
                dynamic_ncols=True, file=sys.stderr)
     while trainer.step < run["steps"]:
@@ -327,57 +434,88 @@ def train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, pro
         trainer.step += 1
         steps_in_interval += 1
         bar.update(1)
-        if trainer.step % run["checkpoint_freq"] and trainer.step != run["steps"]:
+        tb.add_losses(losses, trainer.step)
+        at_checkpoint = trainer.step % run["checkpoint_freq"] == 0 or trainer.step == run["steps"]
+        if at_checkpoint or trainer.step % FINITE_CHECK_EVERY == 0:
+            check_finite(sums, checked_step, trainer.step, output_dir, trainer.records)
+            checked_step = trainer.step
+        if not at_checkpoint:
             continue
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
         step_time = (time.perf_counter() - interval_start) / steps_in_interval
         record = {k: float(v) / steps_in_interval for k, v in sums.items()}
-        bad = [k for k, v in record.items() if not math.isfinite(v)]
-        if bad:
-            raise TrainingError(
-                f"{', '.join(bad)} became non-finite between steps {trainer.step - steps_in_interval} and "
-                f"{trainer.step}: lower the learning rate (--hparams '{{\"lr\": ...}}'); the last good "
-                f"checkpoint in {output_dir} is kept"
-            )
         eval_start = time.perf_counter()
         record.update(trainer.evaluate())
         record.update(step=trainer.step, step_time=step_time, eval_time=time.perf_counter() - eval_start,
                       **run_info)
         trainer.records.append(record)
         _write_records(results_path, trainer.records)
-        _tb_scalars(writer, record)
+        tb.add_checkpoint(trainer.records)
         atomic_torch_save(ckpt_path, trainer.state())
         write_heartbeat(output_dir, trainer.step, run["steps"], attempt_start_step, attempt_start)
         bar.set_postfix_str(summary_line(run, record, trainer.dataset.ENVIRONMENTS).split(": ", 1)[1][:80])
         sums, steps_in_interval, interval_start = {}, 0, time.perf_counter()
     bar.close()
-    final = trainer.records[-1]
-    metrics = {f"final/{k}": v for k, v in final.items()
-               if isinstance(v, float) and k not in TIMING_KEYS and math.isfinite(v)}
-    hparams_tb = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in run["hparams"].items()}
-    hparams_tb.update(algorithm=run["algorithm"], dataset=run["dataset"],
-                      test_envs=",".join(map(str, run["test_envs"])), hparams_seed=run["hparams_seed"],
-                      trial_seed=run["trial_seed"])
-    writer.add_hparams(hparams_tb, metrics, run_name=".")
-    writer.close()
+    tb.finish()
     atomic_write_text(done_path, "")
-    return final
+    return trainer.records[-1]
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads N``: ``torch.set_num_threads(N)`` (speed only); ``None`` keeps torch's choice."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bar a diverged or interrupted run leaves open (``tqdm._instances``: the bars alive), so
+    that the message after it has a line of its own and the bar is not redrawn below it at exit."""
+    for bar in list(tqdm._instances):
+        bar.close()
+
+
+def interrupted_line(output_dir: Path | None, resume_argv: list[str]) -> str:
+    """The one line printed on Ctrl-C: the step of the checkpoint kept (read from ``checkpoint.pt``, which is
+    replaced atomically, so it is the truth) and the command that resumes from it."""
+    if output_dir is None or not (output_dir / "args.json").is_file():
+        return "interrupted before the run started: nothing was written"
+    if (output_dir / "done").exists():
+        return f"interrupted after the run finished: its results are in {output_dir / 'results.jsonl'}"
+    command = shlex.join([sys.executable, "-m", "dg_meta.train", *resume_argv])
+    ckpt = output_dir / "checkpoint.pt"
+    if not ckpt.is_file():
+        return f"interrupted before the first checkpoint: nothing to resume in {output_dir}; start over with: {command}"
+    step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["step"]
+    return f"interrupted: the checkpoint of step {step} in {output_dir} is kept; resume with: {command}"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI; exit codes as the module docstring says, every refusal, divergence or interrupt in one line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    output_dir, resume_argv = None, argv
     try:
         args = parse_args(argv)
+        set_threads(args.threads)
         run = resolve_run(args)
         output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(run)
+        resume_argv = argv if args.output_dir else [*argv, "--output-dir", str(output_dir)]
         final = train(run, args.data_dir, output_dir, args.device, progress=not args.no_progress,
-                      compile=args.compile)
+                      compile=args.compile, log_every=args.log_every)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:
+        _close_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        print(interrupted_line(output_dir, resume_argv), file=sys.stderr)
+        return 130
     env_names = registry.get_dataset(run["dataset"]).ENVIRONMENTS
     print(summary_line(run, final, env_names))
     print(f"results: {output_dir / 'results.jsonl'}")

@@ -1,8 +1,10 @@
 """A sweep's jobs and their state.
 
-A job is one ``dg_meta.train`` invocation; its run folder, inside the sweep folder, is named by the hash of
-its resolved run (``dg_meta.train.default_output_dir``), so the same arguments always map to the same folder
-and launching twice starts nothing that is done. Files a job's folder may hold besides the run's own:
+A job is one ``dg_meta.train`` invocation; its run folder, inside the sweep folder, is the run's name
+``ALGORITHM/DATASET/te<i>/hp<s>/trial<t>-<hash>`` (``dg_meta.train.run_name``; the hash covers every other
+resolved argument), so the same arguments always map to the same folder and launching twice starts nothing
+that is done. The same name labels the job in ``status``, in TensorBoard (``tensorboard --logdir SWEEP``) and
+in the Slurm task's log. Files a job's folder may hold besides the run's own:
 
 - ``job.json``: written by the launcher: the train arguments, CPUs, launcher, Slurm job id and log paths;
 - ``attempt.json``: written by the runner when an attempt starts: host, pid, attempt number;
@@ -18,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -29,7 +32,7 @@ from dg_meta import registry
 from dg_meta.atomic import atomic_write_json
 from dg_meta.errors import UsageError
 from dg_meta.heartbeat import format_duration, read_heartbeat
-from dg_meta.train import default_output_dir, parse_args, resolve_run
+from dg_meta.train import parse_args, resolve_run, run_name
 
 MANIFEST = "sweep.json"
 JOB_FILE = "job.json"
@@ -49,15 +52,20 @@ UNKNOWN_GRACE_S = 120  # a job neither squeue nor sacct knows yet counts as queu
 
 @dataclass(frozen=True)
 class Job:
-    """One train invocation: its arguments (``--output-dir`` excluded) and its run folder."""
+    """One train invocation: its arguments (``--output-dir`` excluded) and its run folder, which lies in the
+    sweep folder ``sweep_dir`` (when given) at the job's ``name``."""
 
     argv: tuple[str, ...]
     output_dir: Path
     run: dict[str, Any] = field(compare=False, hash=False, repr=False)
+    sweep_dir: Path | None = field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def name(self) -> str:
-        return self.output_dir.name
+        """The run folder's path in the sweep folder, e.g. ``ERM/RotatedDigits/te0/hp3/trial1-8e4fc7651d``."""
+        if self.sweep_dir is None:
+            return self.output_dir.name
+        return self.output_dir.relative_to(self.sweep_dir).as_posix()
 
 
 @dataclass(frozen=True)
@@ -71,9 +79,10 @@ class JobState:
 
 
 def make_job(argv: list[str], sweep_dir: Path) -> Job:
-    """Resolve ``argv`` exactly as ``dg_meta.train`` does and name the run folder by its hash."""
+    """Resolve ``argv`` exactly as ``dg_meta.train`` does; the run folder is ``sweep_dir/<run name>``."""
     run = resolve_run(parse_args(argv))
-    return Job(tuple(argv), Path(sweep_dir).resolve() / default_output_dir(run).name, run)
+    sweep_dir = Path(sweep_dir).resolve()
+    return Job(tuple(argv), sweep_dir / run_name(run), run, sweep_dir)
 
 
 def test_env_choices(n_envs: int, test_envs: list[int] | None, lodo_pairs: bool) -> list[list[int]]:
@@ -133,15 +142,28 @@ def record_manifest(sweep_dir: Path, jobs: list[Job]) -> None:
 
 
 def manifest_jobs(sweep_dir: Path) -> list[Job]:
-    """The jobs listed in ``sweep.json`` plus any run folder found in the sweep folder."""
+    """The jobs listed in ``sweep.json`` plus any run folder found at any depth in the sweep folder."""
     sweep_dir = Path(sweep_dir).resolve()
     path = sweep_dir / MANIFEST
     if not sweep_dir.is_dir():
         raise UsageError(f"sweep folder {sweep_dir} does not exist: launch a sweep there first")
     entries = json.loads(path.read_text())["jobs"] if path.exists() else {}
-    for folder in sorted(p.parent for p in sweep_dir.glob(f"*/{JOB_FILE}")):
-        entries.setdefault(folder.name, json.loads((folder / JOB_FILE).read_text())["argv"])
-    return [Job(tuple(argv), sweep_dir / name, {}) for name, argv in sorted(entries.items())]
+    for folder in sorted(p.parent for p in sweep_dir.rglob(JOB_FILE)):
+        name = folder.relative_to(sweep_dir).as_posix()
+        entries.setdefault(name, json.loads((folder / JOB_FILE).read_text())["argv"])
+    return [Job(tuple(argv), sweep_dir / name, {}, sweep_dir) for name, argv in sorted(entries.items())]
+
+
+def delete_run_folder(job: Job) -> None:
+    """Delete the job's run folder and the folders above it that it leaves empty, up to the sweep folder."""
+    shutil.rmtree(job.output_dir)
+    if job.sweep_dir is None:
+        return
+    for parent in job.output_dir.relative_to(job.sweep_dir).parents[:-1]:
+        folder = job.sweep_dir / parent
+        if any(folder.iterdir()):
+            return
+        folder.rmdir()
 
 
 def write_job_file(job: Job, **info: Any) -> None:

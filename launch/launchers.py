@@ -7,9 +7,11 @@ Every launcher first clears the job's old ``error.txt`` and writes its ``job.jso
 - ``local``: one job after another in this process; a failing job is reported and the next one starts.
 - ``multiprocess``: ``workers`` worker threads, each running jobs as ``python -m dg_meta.launch.runner``
   subprocesses; with GPUs each worker owns one (``CUDA_VISIBLE_DEVICES``).
-- ``slurm``: one submitit job array (``slurm_array_parallelism`` tasks at a time); each task is a
-  ``SlurmJob``, a ``submitit.helpers.Checkpointable``: on preemption or timeout submitit calls its
-  ``checkpoint``, which requeues the same call, and the run resumes from its own ``checkpoint.pt``.
+- ``slurm``: one submitit job array (``slurm_array_parallelism`` tasks at a time) named after the sweep
+  (``dg_meta:ALGORITHMS:DATASETS``; an array has one name for all its tasks); each task is a ``SlurmJob``, a
+  ``submitit.helpers.Checkpointable``: its log starts with the run's folder, and on preemption or timeout
+  submitit calls its ``checkpoint``, which requeues the same call, and the run resumes from its own
+  ``checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .jobs import ACTIVE, ERROR_FILE, LOG_FILE, Job, job_states, write_job_file
 from .runner import execute, log_line
 
 LAUNCHERS = ("local", "multiprocess", "slurm")
+SLURM_NAME_CHARS = 64
 
 
 def _prepare(job: Job, launcher: str, cpus: int, **info: Any) -> None:
@@ -97,6 +100,7 @@ class SlurmJob(submitit.helpers.Checkpointable):
     call, so the requeued task resumes the run from its own ``checkpoint.pt``."""
 
     def __call__(self, output_dir: str, argv: list[str], cpus: int) -> dict:
+        print(f"dg_meta run {output_dir}", flush=True)
         return execute(Path(output_dir), argv, cpus)
 
     def checkpoint(self, output_dir: str, argv: list[str], cpus: int) -> submitit.helpers.DelayedSubmission:
@@ -119,13 +123,23 @@ class SlurmOptions:
     setup: list[str] = field(default_factory=list)
 
 
+def _flag_values(jobs: list[Job], flag: str) -> list[str]:
+    return list(dict.fromkeys(job.argv[job.argv.index(flag) + 1] for job in jobs if flag in job.argv))
+
+
+def slurm_array_name(jobs: list[Job]) -> str:
+    """``dg_meta:ALGORITHMS:DATASETS`` of ``jobs`` (comma-separated), cut to 64 characters with ``...``."""
+    name = ":".join(["dg_meta", ",".join(_flag_values(jobs, "--algorithm")), ",".join(_flag_values(jobs, "--dataset"))])
+    return name if len(name) <= SLURM_NAME_CHARS else name[:SLURM_NAME_CHARS - 3] + "..."
+
+
 def launch_slurm(jobs: list[Job], folder: Path, options: SlurmOptions) -> list[submitit.Job]:
     """Submit ``jobs`` as one job array; submitit's files and the task logs go to ``folder``."""
     if shutil.which("sbatch") is None:
         raise UsageError("--launcher slurm needs Slurm's sbatch on PATH: run on a Slurm login node, or use "
                          "--launcher local or multiprocess")
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=options.max_requeues)
-    params: dict[str, Any] = {"name": "dg_meta", "timeout_min": options.time_min,
+    params: dict[str, Any] = {"name": slurm_array_name(jobs), "timeout_min": options.time_min,
                               "cpus_per_task": options.cpus, "gpus_per_node": options.gpus,
                               "slurm_array_parallelism": options.array_parallelism}
     if options.partition:

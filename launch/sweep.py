@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from .jobs import (
     STATES,
     Job,
     JobState,
+    delete_run_folder,
     job_states,
     manifest_jobs,
     record_manifest,
@@ -165,7 +165,7 @@ def cmd_delete_incomplete(args: argparse.Namespace) -> int:
     states = job_states(manifest_jobs(Path(args.output_dir)))
     deleted = [s.job for s in states if s.state == FAILED or (s.state == NOT_STARTED and s.job.output_dir.exists())]
     for job in deleted:
-        shutil.rmtree(job.output_dir)
+        delete_run_folder(job)
     active = sum(s.state in (PENDING, RUNNING) for s in states)
     print(f"deleted {len(deleted)} incomplete run folders; {active} pending or running jobs left alone")
     return 0

@@ -69,8 +69,7 @@ def sweep(tmp_path_factory) -> dict:
 
 
 def _erm_te0_seed0(sweep_dir: Path) -> Path:
-    (run,) = [d for d in sweep_dir.glob("ERM-RotatedDigits-te0-*")
-              if json.loads((d / "args.json").read_text())["run"]["hparams_seed"] == 0]
+    (run,) = sweep_dir.glob("ERM/RotatedDigits/te0/hp0/trial0-*")
     return run
 
 
@@ -79,9 +78,11 @@ def test_failure_is_reported_by_status_and_the_others_finish(sweep: dict):
     assert code == 1 and re.search(r"submitted job array \d+ \(4 tasks\)", out)
     lines = sweep["status"].splitlines()
     assert lines[0] == "4 jobs: 3 done, 0 pending, 0 running, 1 failed, 0 not started"
-    assert lines[1].startswith("failed: Brittle-RotatedDigits-te0-")
+    assert lines[1].startswith("failed: Brittle/RotatedDigits/te0/hp1/trial0-")
     log = Path(lines[2].removeprefix("  log: "))
     assert log.name.endswith("_log.err") and "ValueError: bad hparam lr=" in log.read_text()
+    out = log.with_name(log.name.replace("_log.err", "_log.out")).read_text()
+    assert f"dg_meta run {sweep['dir'].resolve() / lines[1].removeprefix('failed: ')}" in out
     assert lines[3].startswith("  error: ValueError: bad hparam lr=")
 
 
@@ -119,7 +120,7 @@ def test_sacct_shows_the_job_arrays(sweep: dict):
                              capture_output=True, text=True, check=True).stdout
         rows = [line.split("|") for line in out.splitlines()]
         assert sorted(r[0] for r in rows) == sorted(f"{array}_{i}" for i in range(n_tasks))
-        assert {r[1] for r in rows} == {"dg_meta"}
+        assert {r[1] for r in rows} == {"dg_meta:ERM,Brittle:RotatedDigits"}
     assert {i for i in ids if i.startswith(arrays[1] + "_")}  # the relaunched jobs ran in the second array
 
 
@@ -178,5 +179,6 @@ def test_local_and_multiprocess_launchers_match_slurm(sweep: dict, tmp_path: Pat
                      "--launcher", launcher)
     assert code == 0
     reference = _erm_te0_seed0(sweep["dir"])
-    assert results(tmp_path / reference.name) == results(reference)
-    assert json.loads((tmp_path / reference.name / "job.json").read_text())["launcher"] == launcher
+    run = tmp_path / reference.relative_to(sweep["dir"])
+    assert results(run) == results(reference)
+    assert json.loads((run / "job.json").read_text())["launcher"] == launcher

@@ -9,15 +9,17 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from dg_meta.launch import jobs as jobs_mod
-from dg_meta.launch.launchers import SlurmJob
+from dg_meta.launch import launchers
+from dg_meta.launch.launchers import SlurmJob, slurm_array_name
 from dg_meta.launch.sweep import main as sweep_main
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from dg_meta.train import default_output_dir, parse_args, resolve_run
+from dg_meta.train import parse_args, resolve_run, run_name
 
 PLUGIN = '''"""Test plug-in: ERM that refuses a non-default learning rate while the file $BRITTLE_FLAG exists."""
 import os
@@ -52,7 +54,8 @@ def results(run_dir: Path) -> list[dict]:
 
 
 def run_dirs(sweep: Path) -> dict[str, Path]:
-    return {p.parent.name: p.parent for p in sorted(sweep.glob("*/job.json"))}
+    """``{job name: run folder}``: every folder holding a ``job.json``, named by its path in the sweep."""
+    return {p.parent.relative_to(sweep).as_posix(): p.parent for p in sorted(sweep.rglob("job.json"))}
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +70,40 @@ def test_jobs_are_named_by_the_hash_of_their_train_arguments(tmp_path: Path):
     jobs = jobs_mod.sweep_jobs(tmp_path, ["ERM"], ["RotatedDigits"], test_envs=[0, 1], n_hparams=2, steps=4)
     assert len(jobs) == 4 == len({j.name for j in jobs})
     for job in jobs:
-        assert job.output_dir == tmp_path.resolve() / default_output_dir(resolve_run(parse_args(list(job.argv)))).name
+        assert job.output_dir == tmp_path.resolve() / run_name(resolve_run(parse_args(list(job.argv))))
+        assert job.output_dir == tmp_path.resolve() / job.name
+    assert [j.name.rsplit("-", 1)[0] for j in jobs] == [
+        "ERM/RotatedDigits/te0/hp0/trial0", "ERM/RotatedDigits/te0/hp1/trial0",
+        "ERM/RotatedDigits/te1/hp0/trial0", "ERM/RotatedDigits/te1/hp1/trial0"]
+    assert all(len(j.name.rsplit("-", 1)[1]) == 10 for j in jobs)
     assert [job.argv[job.argv.index("--hparams-seed") + 1] for job in jobs] == ["0", "1", "0", "1"]
     assert {job.run["hparams"]["lr"] for job in jobs if job.run["hparams_seed"] == 0} == {1e-3}
+
+
+def test_slurm_array_is_named_after_the_sweep(tmp_path: Path, monkeypatch):
+    jobs = jobs_mod.sweep_jobs(tmp_path, ["ERM", "MLDG"], ["RotatedDigits"], test_envs=[0, 1], steps=4)
+    assert slurm_array_name(jobs) == "dg_meta:ERM,MLDG:RotatedDigits"
+    parameters = {}
+
+    class Executor:  # records what launch_slurm asks submitit for, submits nothing
+        def __init__(self, **kwargs):
+            pass
+
+        def update_parameters(self, **params):
+            parameters.update(params)
+
+        def map_array(self, function, folders, *args):
+            return [SimpleNamespace(job_id=f"7_{i}", paths=SimpleNamespace(stderr=tmp_path / f"7_{i}.err"))
+                    for i in range(len(folders))]
+
+    monkeypatch.setattr(launchers.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(launchers.submitit, "AutoExecutor", Executor)
+    launchers.launch_slurm(jobs, tmp_path / ".submitit", launchers.SlurmOptions())
+    assert parameters["name"] == "dg_meta:ERM,MLDG:RotatedDigits"
+    many = [jobs_mod.Job(("--algorithm", f"Algorithm{i}", "--dataset", "RotatedDigits"), tmp_path / str(i), {})
+            for i in range(9)]
+    name = slurm_array_name(many)
+    assert len(name) == 64 and name.startswith("dg_meta:Algorithm0,Algorithm1,") and name.endswith("...")
 
 
 def test_test_env_choices_default_every_domain_and_lodo_pairs():
@@ -118,13 +152,15 @@ def test_local_sweep_finishes_and_relaunch_starts_nothing(local_sweep: Path, cap
 
 
 def test_tensorboard_event_files_hold_scalars_and_hparams(local_sweep: Path):
-    run = next(iter(run_dirs(local_sweep).values()))
+    name, run = next(iter(run_dirs(local_sweep).items()))
+    assert name.startswith("ERM/RotatedDigits/te0/hp0/trial0-")
     records = results(run)
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    assert {"loss/loss", "acc/env0_in_acc", "acc/env5_out_acc", "time/step_time", "final/env0_in_acc"} <= set(tags)
-    assert [(e.step, e.value) for e in acc.Scalars("acc/env1_out_acc")] == \
+    assert {"loss/loss", "test/0°", "val/75°", "train/15°", "paper/test_acc", "time/step_time"} <= set(tags)
+    assert not [t for t in tags if t.startswith(("final/", "acc/"))]
+    assert [(e.step, e.value) for e in acc.Scalars("val/15°")] == \
         [(r["step"], pytest.approx(r["env1_out_acc"])) for r in records]
     content = acc.PluginTagToContent("hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(content)
@@ -132,7 +168,7 @@ def test_tensorboard_event_files_hold_scalars_and_hparams(local_sweep: Path):
     hparams = start.session_start_info.hparams
     assert hparams["algorithm"].string_value == "ERM" and hparams["lr"].number_value == pytest.approx(1e-3)
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert "final/env0_in_acc" in {m.name.tag for m in experiment.metric_infos}
+    assert "selected/training_domain_test_acc" in {m.name.tag for m in experiment.metric_infos}
 
 
 def test_multiprocess_launcher_gives_the_same_results(local_sweep: Path, tmp_path: Path, capsys):
@@ -157,8 +193,9 @@ def test_failure_is_reported_and_relaunch_reruns_only_failed_and_unstarted(tmp_p
     assert sweep_main(["status", "--output-dir", str(sweep)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "2 jobs: 1 done, 0 pending, 0 running, 1 failed, 0 not started"
-    assert lines[1].startswith("failed: Brittle-RotatedDigits-te0-")
-    failed = sweep / lines[1].split(": ")[1]
+    assert lines[1].startswith("failed: Brittle/RotatedDigits/te0/hp1/trial0-")
+    failed_name = lines[1].split(": ")[1]
+    failed = sweep / failed_name
     assert lines[2] == f"  log: {failed / 'log.txt'}"
     assert lines[3].startswith("  error: ValueError: bad hparam lr=")
     assert "Traceback" in (failed / "log.txt").read_text()
@@ -172,7 +209,7 @@ def test_failure_is_reported_and_relaunch_reruns_only_failed_and_unstarted(tmp_p
                                    "with --launcher local")
     assert out.splitlines()[-1] == "3 jobs: 3 done, 0 pending, 0 running, 0 failed, 0 not started"
     attempts = {n: json.loads((d / "attempt.json").read_text())["attempt"] for n, d in run_dirs(sweep).items()}
-    assert attempts == {n: 2 if n == failed.name else 1 for n in attempts}
+    assert attempts == {n: 2 if n == failed_name else 1 for n in attempts}
     assert set(done_before) <= set(attempts) and not (failed / "error.txt").exists()
 
 
@@ -188,6 +225,7 @@ def test_status_of_a_vanished_process_and_delete_incomplete(tmp_path: Path, caps
     assert sweep_main(["delete-incomplete", "--output-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out == "deleted 1 incomplete run folders; 0 pending or running jobs left alone\n"
     assert not job.output_dir.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.json"]  # the emptied ERM/... folders went too
     assert sweep_main(["status", "--output-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out == "1 jobs: 0 done, 0 pending, 0 running, 0 failed, 1 not started\n"
 
@@ -262,7 +300,7 @@ def test_durations_read_as_a_person_writes_them():
 def test_finished_runs_leave_a_final_heartbeat(local_sweep: Path):
     from dg_meta.heartbeat import read_heartbeat
 
-    folders = sorted(p.parent for p in local_sweep.glob("*/done"))
+    folders = sorted(p.parent for p in local_sweep.rglob("done"))
     assert len(folders) == 2
     for folder in folders:
         beat = read_heartbeat(folder)
