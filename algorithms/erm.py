@@ -24,11 +24,15 @@ class ERM(Algorithm):
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
         super().__init__(input_shape, num_classes, num_domains, hparams)
-        self.featurizer = featurizer_for(self.input_shape, hparams)
+        self.featurizer = self.build_featurizer(hparams)
         self.classifier = classifier(self.featurizer.n_outputs, num_classes, hparams["nonlinear_classifier"])
         self.network = nn.Sequential(self.featurizer, self.classifier)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=hparams["lr"],
                                           weight_decay=hparams["weight_decay"])
+
+    def build_featurizer(self, hparams: dict) -> nn.Module:
+        """The featurizer ``phi``: ``featurizer_for``'s choice for the input shape (subclasses may change it)."""
+        return featurizer_for(self.input_shape, hparams)
 
     def update(self, batch: list[tuple[Tensor, Tensor]]) -> Losses:
         x = torch.cat([x for x, _ in batch])

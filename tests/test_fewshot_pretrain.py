@@ -39,7 +39,8 @@ def test_the_backbone_is_the_meta_learners_featurizer_under_the_same_name():
     algorithm = make()
     assert isinstance(algorithm.featurizer, Conv4)
     assert (algorithm.classifier.in_features, algorithm.classifier.out_features) == (64, 3)
-    assert {k.split(".")[0] for k in algorithm.state_dict()} == {"featurizer", "classifier"}
+    assert {k.split(".")[0] for k in algorithm.state_dict()} == {"featurizer", "classifier", "network"}
+    assert list(algorithm.network) == [algorithm.featurizer, algorithm.classifier]
 
 
 def test_two_updates_are_adam_steps_with_weight_decay_on_the_pooled_cross_entropy():
