@@ -67,10 +67,21 @@ def launch_local(jobs: list[Job], cpus: int = 1) -> None:
             print(f"  failed: {last} (log: {job.output_dir / LOG_FILE})", flush=True)
 
 
-def launch_multiprocess(jobs: list[Job], cpus: int = 1, workers: int | None = None) -> None:
-    """Run ``jobs`` on ``workers`` subprocesses at a time (default: one per GPU, else one per ``cpus``)."""
+def share_of_cores(cpus: int | None, workers: int | None, cores: int, gpus: int) -> tuple[int, int]:
+    """``(cpus per job, workers)`` for the multiprocess launcher: each job gets its share of the cores.
+
+    Given neither: one worker per GPU (else one per core) and ``cores // workers`` threads each; given only
+    ``workers``: ``cores // workers`` threads each; given only ``cpus``: ``cores // cpus`` workers; both: as given.
+    """
+    if workers is None:
+        workers = gpus or max(1, cores // (cpus or 1))
+    return (cpus or max(1, cores // workers)), workers
+
+
+def launch_multiprocess(jobs: list[Job], cpus: int | None = None, workers: int | None = None) -> None:
+    """Run ``jobs`` on ``workers`` subprocesses at a time, each with its share of the cores (``share_of_cores``)."""
     gpus = torch.cuda.device_count()
-    workers = workers or gpus or max(1, (os.cpu_count() or 1) // cpus)
+    cpus, workers = share_of_cores(cpus, workers, os.cpu_count() or 1, gpus)
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(workers):
         slots.put(slot)

@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--fs-episodes", type=int, default=None, help="few-shot evaluation episodes per domain")
     launch.add_argument("--plugin", action="append", default=[], help="module to import for extra algorithms")
     launch.add_argument("--launcher", choices=launchers.LAUNCHERS, default="local")
-    launch.add_argument("--cpus", type=int, default=1, help="CPUs (torch threads) per job, on every launcher")
+    launch.add_argument("--cpus", type=int, default=None,
+                        help="CPUs (torch threads) per job (default: local and slurm 1, the same numbers on both; "
+                             "multiprocess: the cores divided among the workers)")
     launch.add_argument("--workers", type=int, default=None, help="multiprocess: parallel jobs")
     launch.add_argument("--dry-run", action="store_true", help="list the jobs and their state; run nothing")
     launch.add_argument("--wait", action="store_true", help="slurm: wait for the jobs, then print the status")
@@ -119,7 +121,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
                       lodo_pairs=args.lodo_pairs, n_hparams=args.n_hparams, n_trials=args.n_trials,
                       steps=args.steps, checkpoint_freq=args.checkpoint_freq, hparams=args.hparams,
                       fs_episodes=args.fs_episodes, plugins=tuple(args.plugin))
-    if args.cpus < 1:
+    if args.cpus is not None and args.cpus < 1:
         raise UsageError(f"--cpus must be >= 1, got {args.cpus}")
     states = job_states(jobs)
     todo = [s.job for s in states if s.state in (FAILED, NOT_STARTED)]
@@ -135,11 +137,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if not todo:
         return 0
     if args.launcher == "local":
-        launchers.launch_local(todo, args.cpus)
+        launchers.launch_local(todo, args.cpus or 1)
     elif args.launcher == "multiprocess":
         launchers.launch_multiprocess(todo, args.cpus, args.workers)
     else:
-        options = launchers.SlurmOptions(partition=args.partition, time_min=args.time, cpus=args.cpus,
+        options = launchers.SlurmOptions(partition=args.partition, time_min=args.time, cpus=args.cpus or 1,
                                          gpus=args.gpus, mem_gb=args.mem_gb,
                                          array_parallelism=args.array_parallelism,
                                          max_requeues=args.max_requeues, sbatch=dict(args.sbatch),

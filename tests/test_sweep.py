@@ -306,3 +306,13 @@ def test_finished_runs_leave_a_final_heartbeat(local_sweep: Path):
         beat = read_heartbeat(folder)
         steps = json.loads((folder / "args.json").read_text())["run"]["steps"]
         assert (beat.step, beat.steps) == (steps, steps) and beat.seconds_per_step > 0
+
+
+@pytest.mark.parametrize("cpus, workers, cores, gpus, expected", [
+    (None, None, 8, 0, (1, 8)), (None, 2, 8, 0, (4, 2)), (None, 3, 8, 0, (2, 3)), (2, None, 8, 0, (2, 4)),
+    (3, 2, 8, 0, (3, 2)), (None, None, 8, 2, (4, 2)), (None, 16, 8, 0, (1, 16)),
+])
+def test_multiprocess_jobs_get_their_share_of_the_cores(cpus, workers, cores, gpus, expected):
+    from dg_meta.launch.launchers import share_of_cores
+
+    assert share_of_cores(cpus, workers, cores, gpus) == expected
