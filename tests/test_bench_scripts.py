@@ -88,7 +88,7 @@ def test_reproduce_launches_a_tiny_sweep(tmp_path):
     argv = ["--datasets", "RotatedDigits", "--algorithms", "ERM", "--test-envs", "0", "--trials", "1",
             "--steps", "2", "--checkpoint-freq", "1", "--workers", "1", "--output-dir", str(sweep), "--no-doc"]
     assert reproduce.main(argv) == 0
-    assert len(list(sweep.glob("*/done"))) == 1
+    assert len(list(sweep.glob("**/done"))) == 1
     launches = json.loads((sweep / "reproduce.json").read_text())["launches"]
     assert len(launches) == 1 and launches[0]["stopped_by_time_limit"] is False
 
