@@ -108,7 +108,7 @@ def test_collected_tables_have_every_cell_filled(sweep: dict):
         assert table.columns == ["0°", "15°", "Avg"] and sorted(table.cells) == ["Brittle", "ERM"]
         assert all(cell is not None and 0 <= cell[0] <= 100 for cells in table.cells.values() for cell in cells)
     code, out = _sweep("collect", "--output-dir", str(sweep["dir"]))
-    assert code == 0 and re.search(r"\| ERM \| \d+\.\d \| \d+\.\d \| \d+\.\d \|", out)
+    assert code == 0 and re.search(r"\| ERM \| \d+\.\d \(1\) \| \d+\.\d \(1\) \| \d+\.\d \(1\) \|", out)
 
 
 def test_sacct_shows_the_job_arrays(sweep: dict):
