@@ -30,7 +30,7 @@ class CrossGrad(Algorithm):
     network minimises ``(1 - a) J_l(x) + a J_l(x_d)`` and the domain network ``(1 - a) J_d(x) + a J_d(x_l)``,
     each with its own Adam.
 
-    Every piece follows the authors' TensorFlow code (github vihari/crossgrad, ``nets/lenet_crossgrad.py``):
+    Losses, perturbations and constants follow the authors' code (vihari/crossgrad, ``nets/lenet_crossgrad.py``):
     - ``J_l``, ``J_d`` are batch means (``tf.reduce_mean`` of the softmax cross-entropy in ``add_losses``),
       and the perturbation uses the input gradient of that mean (``tf.gradients(style_loss, inputs)``), so an
       example moves by ``eps / B`` times its own loss gradient before clipping, ``B`` the whole step's batch
@@ -43,9 +43,9 @@ class CrossGrad(Algorithm):
     - the two networks are separate (``lenet`` for labels, ``stylenet`` for domains, ``adaptive_lenet``), and
       the label network sees ``x`` only: that code does not feed the domain network's embedding to the label
       network, and neither does this file.
-    The authors' code sums the four losses and takes one optimizer step over both networks; as the
-    perturbations are constants (``tf.stop_gradient``) and the parameter sets are disjoint, each network's
-    gradient is its own two-term loss's, so two element-wise optimizers step the same way.
+    The authors' code adds the four weighted losses to one total (``tf.losses.add_loss`` in ``add_losses``), one
+    optimizer steps on it (``model_deploy.optimize_clones`` in ``train_image_classifier.py``); the perturbations
+    are constants (``tf.stop_gradient``) and the parameters disjoint, so two element-wise optimizers match it.
 
     Departures from that code: the library's Adam (``lr``, ``weight_decay``) instead of its training script's
     RMSProp (``train_image_classifier.py``, learning rate 0.02 in ``lenet_run.sh``, exponential decay) with
