@@ -4,7 +4,8 @@
 - ``EpisodeSampler``: N-way K-shot Q-query episodes from a pool of (domain, class) cells, labels remapped
   to ``0..N-1`` with the global class ids kept (meta-learners, few-shot evaluation), under an episode
   protocol: one domain per episode (``per_domain``) or the whole pool of classes (``class_pool``).
-- ``split_cells``, ``training_episode_sampler``, ``evaluation_episode_samplers``: the episodes of a run,
+- ``split_cells``, ``training_episode_sampler``, ``evaluation_pools``, ``evaluation_episode_samplers``: the
+  episodes of a run,
   built from its dataset, splits, protocol and seed; ``dg_meta.train`` and the benchmarks both use them,
   so the same seed gives the same episodes.
 - ``meta_domain_split``: a random meta-train / meta-test split of the training domains (MLDG, Feature-Critic).
@@ -186,27 +187,43 @@ def training_episode_sampler(dataset: MultiDomainDataset, splits: DomainSplits, 
     return EpisodeSampler(cells, n_way, k_shot, n_query, name_seed(seed, "sampler"), protocol)
 
 
-def evaluation_episode_samplers(dataset: MultiDomainDataset, splits: DomainSplits, protocol: str, n_way: int,
-                                k_shot: int, n_query: int, seed: int) -> dict[str, EpisodeSampler]:
-    """The few-shot evaluation samplers of a run seeded ``seed``, by metric prefix.
+@dataclass
+class EvaluationPool:
+    """The cells one few-shot metric draws its episodes from; ``label`` names them in messages."""
 
-    ``per_domain``: ``env{i}`` for every domain, over all examples of a held-out domain and the ``out``
-    split of a training domain. ``class_pool``: ``val`` over the ``out`` splits of all training domains and
-    ``test`` over all examples of all held-out domains, each pooling the classes of its domains. Each
-    sampler is seeded by its prefix, so every checkpoint is scored on the same episodes; a pool without
-    ``n_way`` classes of ``k_shot + n_query`` examples has no sampler.
+    label: str
+    cells: list[Cell]
+    held_out: bool
+
+
+def evaluation_pools(dataset: MultiDomainDataset, splits: DomainSplits, protocol: str) -> dict[str, EvaluationPool]:
+    """The few-shot evaluation pools of a run, by metric prefix.
+
+    ``per_domain``: ``env{i}`` for every domain, over all examples of a held-out domain and the ``out`` split
+    of a training domain. ``class_pool``: ``val`` over the ``out`` splits of all training domains and ``test``
+    over all examples of all held-out domains, each pooling the classes of its domains.
     """
     test_envs, train_envs = splits.test_envs, splits.train_envs
     if check_protocol(protocol) == "class_pool":
-        pools = {"val": split_cells(dataset, splits, train_envs, "out"),
-                 "test": split_cells(dataset, splits, test_envs, "all")}
-    else:
-        pools = {f"env{env}": split_cells(dataset, splits, [env], "all" if env in test_envs else "out")
-                 for env in range(len(dataset.domains))}
+        return {"val": EvaluationPool("the pool of training domains",
+                                      split_cells(dataset, splits, train_envs, "out"), False),
+                "test": EvaluationPool("the pool of held-out domains",
+                                       split_cells(dataset, splits, test_envs, "all"), True)}
+    return {f"env{env}": EvaluationPool(f"domain {dataset.domains[env].name}",
+                                        split_cells(dataset, splits, [env], "all" if env in test_envs else "out"),
+                                        env in test_envs)
+            for env in range(len(dataset.domains))}
+
+
+def evaluation_episode_samplers(dataset: MultiDomainDataset, splits: DomainSplits, protocol: str, n_way: int,
+                                k_shot: int, n_query: int, seed: int) -> dict[str, EpisodeSampler]:
+    """A sampler per pool of ``evaluation_pools``, by metric prefix, each seeded by its prefix so every
+    checkpoint is scored on the same episodes; a pool without ``n_way`` classes of ``k_shot + n_query``
+    examples has no sampler (``dg_meta.train`` refuses such flags for the held-out pools up front)."""
     samplers = {}
-    for name, cells in pools.items():
+    for name, pool in evaluation_pools(dataset, splits, protocol).items():
         try:
-            samplers[name] = EpisodeSampler(cells, n_way, k_shot, n_query, name_seed(seed, f"fs-eval-{name}"),
+            samplers[name] = EpisodeSampler(pool.cells, n_way, k_shot, n_query, name_seed(seed, f"fs-eval-{name}"),
                                             protocol)
         except UsageError:
             continue

@@ -44,6 +44,7 @@ from dg_meta.samplers import (
     DomainBatchSampler,
     EpisodeSampler,
     evaluation_episode_samplers,
+    evaluation_pools,
     split_cells,
     training_episode_sampler,
 )
@@ -332,31 +333,26 @@ def _finished_record(results_path: Path) -> dict:
 
 def check_fewshot_pools(dataset: MultiDomainDataset, splits: DomainSplits, run: dict[str, Any]) -> None:
     """Refuse few-shot evaluation flags under which ``evaluation_episode_samplers`` would skip a pool (a run
-    that finishes without its few-shot metric): ``--fs-way`` above the classes of an evaluated domain (under
-    ``class_pool``: of the pooled training, or held-out, domains), or a held-out pool without ``--fs-way``
-    classes of ``--fs-shot + --fs-query`` examples. A training domain's ``out`` split may still be too small
-    for that many examples per class; its validation episodes are then skipped, as that function says."""
+    that finishes without its few-shot metric): ``--fs-way`` above the classes of a pool of ``evaluation_pools``
+    (a domain, or under ``class_pool`` the pooled training or held-out domains), or a held-out pool without
+    ``--fs-way`` classes of ``--fs-shot + --fs-query`` examples. A training domain's ``out`` split may still be
+    too small for that many examples per class; its validation episodes are then skipped, as that function
+    says."""
     if run["fs_episodes"] == 0:
         return
     way, need = run["fs_way"], run["fs_shot"] + run["fs_query"]
-    if run["episode_protocol"] == "class_pool":
-        pools = [("the pool of training domains", splits.train_envs, False),
-                 ("the pool of held-out domains", splits.test_envs, True)]
-    else:
-        pools = [(f"domain {dataset.domains[e].name}", [e], e in splits.test_envs)
-                 for e in range(len(dataset.domains))]
-    cells = {name: split_cells(dataset, splits, envs, "all") for name, envs, _ in pools}
-    classes = {name: len({c.class_id for c in pool}) for name, pool in cells.items()}
+    pools = evaluation_pools(dataset, splits, run["episode_protocol"]).values()
+    classes = {pool.label: len({c.class_id for c in pool.cells}) for pool in pools}
     fewest = min(classes, key=classes.get)
     if way > classes[fewest]:
         raise UsageError(f"--fs-way {way}: {fewest} has only {classes[fewest]} classes; lower --fs-way to at most "
                          f"{classes[fewest]}")
-    for name, _, held_out in pools:
-        enough = len({c.class_id for c in cells[name] if len(c.indices) >= need})
-        if held_out and enough < way:
-            raise UsageError(f"--fs-shot {run['fs_shot']} + --fs-query {run['fs_query']}: held-out {name} has only "
-                             f"{enough} classes with {need} examples, fewer than --fs-way {way}; lower --fs-query "
-                             "or --fs-shot")
+    for pool in pools:
+        enough = len({c.class_id for c in pool.cells if len(c.indices) >= need})
+        if pool.held_out and enough < way:
+            raise UsageError(f"--fs-shot {run['fs_shot']} + --fs-query {run['fs_query']}: held-out {pool.label} has "
+                             f"only {enough} classes with {need} examples, fewer than --fs-way {way}; lower "
+                             "--fs-query or --fs-shot")
 
 
 def check_finite(sums: dict[str, Any], since: int, step: int, output_dir: Path, records: list[dict]) -> None:
