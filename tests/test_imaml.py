@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from adam_reference import HandAdam
 from dg_meta.algorithms.imaml import implicit_meta_gradient, proximal_inner_loop
+from episode_checks import assert_other_way_refused
 from torch import nn
 
 from dg_meta import registry
-from dg_meta.errors import UsageError
 from dg_meta.functional import conjugate_gradient, flat, functional_forward, parameters_of, unflat
 from dg_meta.hparams import declared_hparams, resolve
 from dg_meta.samplers import Episode
@@ -108,16 +108,7 @@ def test_random_search_space():
 
 
 def test_an_episode_of_another_way_is_refused_in_update_and_adapt():
-    algorithm = make()
-    message = ("iMAML's head has n_way=5 outputs but the episode has 3 classes: set --fs-way to n_way or "
-               "hparam n_way to 3")
-    e = episode(0, way=3)
-    with pytest.raises(UsageError) as info:
-        algorithm.update([e])
-    assert str(info.value) == message
-    with pytest.raises(UsageError) as info:
-        algorithm.adapt(e.support_x, e.support_y)
-    assert str(info.value) == message
+    assert_other_way_refused(make(), episode(0, way=3), "iMAML")
 
 
 def test_update_is_one_adam_step_on_the_mean_implicit_gradient():

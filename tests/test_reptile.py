@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from adam_reference import HandAdam
 from dg_meta.algorithms.reptile import minibatch_indices
+from episode_checks import assert_other_way_refused
 
 from dg_meta import registry
 from dg_meta.errors import UsageError
@@ -67,16 +68,7 @@ def test_unknown_inner_optimizer_is_refused():
 
 
 def test_an_episode_of_another_way_is_refused_in_update_and_adapt():
-    algorithm = make()
-    message = ("Reptile's head has n_way=5 outputs but the episode has 3 classes: set --fs-way to n_way or "
-               "hparam n_way to 3")
-    e = episode(0, way=3)
-    with pytest.raises(UsageError) as info:
-        algorithm.update([e])
-    assert str(info.value) == message
-    with pytest.raises(UsageError) as info:
-        algorithm.adapt(e.support_x, e.support_y)
-    assert str(info.value) == message
+    assert_other_way_refused(make(), episode(0, way=3), "Reptile")
 
 
 def test_minibatches_cycle_through_permutations():
