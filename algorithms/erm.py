@@ -27,12 +27,17 @@ class ERM(Algorithm):
         self.featurizer = self.build_featurizer(hparams)
         self.classifier = classifier(self.featurizer.n_outputs, num_classes, hparams["nonlinear_classifier"])
         self.network = nn.Sequential(self.featurizer, self.classifier)
-        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=hparams["lr"],
-                                          weight_decay=hparams["weight_decay"])
+        self.optimizer = self.build_optimizer()
 
     def build_featurizer(self, hparams: dict) -> nn.Module:
         """The featurizer ``phi``: ``featurizer_for``'s choice for the input shape (subclasses may change it)."""
         return featurizer_for(self.input_shape, hparams)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """Adam over ``network`` (``lr``, ``weight_decay``); penalty methods rebuild it when their penalty
+        switches on (``dg_meta.penalty_schedule``)."""
+        return torch.optim.Adam(self.network.parameters(), lr=self.hparams["lr"],
+                                weight_decay=self.hparams["weight_decay"])
 
     def update(self, batch: list[tuple[Tensor, Tensor]]) -> Losses:
         x = torch.cat([x for x, _ in batch])

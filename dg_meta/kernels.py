@@ -7,7 +7,7 @@ bandwidths means the mixture (sum) of those kernels, itself a kernel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -44,10 +44,15 @@ def mmd2(x: Tensor, y: Tensor, sigma: Bandwidths) -> Tensor:
     return rbf_kernel(x, x, sigma).mean() + rbf_kernel(y, y, sigma).mean() - 2 * rbf_kernel(x, y, sigma).mean()
 
 
+def mean_over_pairs(samples: Sequence[Tensor], distance: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """The mean of ``distance(samples[i], samples[j])`` over unordered pairs ``i < j`` (0 for one sample)."""
+    pairs = [distance(samples[i], samples[j]) for i in range(len(samples)) for j in range(i + 1, len(samples))]
+    return torch.stack(pairs).mean() if pairs else samples[0].new_zeros(())
+
+
 def mean_pairwise_mmd2(samples: Sequence[Tensor], sigma: Bandwidths) -> Tensor:
     """The mean of ``mmd2`` over all unordered pairs of ``samples`` (0 for fewer than two)."""
-    pairs = [mmd2(samples[i], samples[j], sigma) for i in range(len(samples)) for j in range(i + 1, len(samples))]
-    return torch.stack(pairs).mean() if pairs else samples[0].new_zeros(())
+    return mean_over_pairs(samples, lambda x, y: mmd2(x, y, sigma))
 
 
 def distributional_variance_matrix(domains: Tensor, n_domains: int | None = None) -> Tensor:
