@@ -1,8 +1,10 @@
-"""Evaluation: per-domain classification accuracy and few-shot episode accuracy with a 95% CI."""
+"""Evaluation: per-domain classification accuracy (and cross-entropy, for SWAD's validation loss) and few-shot
+episode accuracy with a 95% CI."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -12,20 +14,33 @@ from dg_meta.dataset import Domain
 from dg_meta.samplers import EpisodeSampler
 
 
-def domain_accuracy(algorithm: Algorithm, domain: Domain, idx: Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``algorithm.predict`` on the examples ``idx`` of ``domain`` (eval mode)."""
+def _summed_over_batches(algorithm: Algorithm, domain: Domain, idx: Tensor, batch_size: int,
+                         score: Callable[[Tensor, Tensor], Tensor]) -> float:
+    """``sum score(predict(x), y)`` over the examples ``idx`` of ``domain`` in eval mode, divided by their number
+    (NaN for none), summed on the device with one read at the end."""
     if len(idx) == 0:
         return float("nan")
     was_training = algorithm.training
     algorithm.eval()
-    correct = None
+    total = None
     with torch.no_grad():
         for start in range(0, len(idx), batch_size):
             x, y = domain.batch(idx[start:start + batch_size])
-            hits = (algorithm.predict(x).argmax(1) == y).sum()
-            correct = hits if correct is None else correct + hits
+            part = score(algorithm.predict(x), y)
+            total = part if total is None else total + part
     algorithm.train(was_training)
-    return float(correct) / len(idx)
+    return float(total) / len(idx)
+
+
+def domain_accuracy(algorithm: Algorithm, domain: Domain, idx: Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``algorithm.predict`` on the examples ``idx`` of ``domain`` (eval mode)."""
+    return _summed_over_batches(algorithm, domain, idx, batch_size, lambda logits, y: (logits.argmax(1) == y).sum())
+
+
+def domain_loss(algorithm: Algorithm, domain: Domain, idx: Tensor, batch_size: int = 512) -> float:
+    """Mean cross-entropy of ``algorithm.predict`` on the examples ``idx`` of ``domain`` (eval mode)."""
+    return _summed_over_batches(algorithm, domain, idx, batch_size,
+                                lambda logits, y: torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float]:

@@ -3,7 +3,8 @@
 ``featurizer_for(input_shape, hparams)`` picks the featurizer by input shape, as DomainBed does:
 vectors get an MLP, small images (side <= 32) DomainBed's MNIST ConvNet, larger images a torchvision
 ResNet-50 (ResNet-18 with hparam ``resnet18``). Hparam ``featurizer`` replaces that choice by a paper's own
-network (``PAPER_FEATURIZERS``: CrossGrad's LeNet, Ghifary et al.'s MTAE encoder), for reproducing a paper's
+network (``PAPER_FEATURIZERS``: CrossGrad's LeNet, Ghifary et al.'s MTAE encoder, the IRM paper's
+ColoredMNIST MLP), for reproducing a paper's
 table with its architecture. Every featurizer exposes ``n_outputs``, the width of its feature vector.
 ``load_pretrained`` fills every ResNet of a model from a local torchvision state dict.
 """
@@ -104,7 +105,32 @@ class MTAEEncoder(nn.Module):
 
 
 #: paper networks selectable by hparam ``featurizer`` (``"domainbed"``: pick by input shape, the default)
-PAPER_FEATURIZERS = {"crossgrad_lenet": CrossGradLeNet, "mtae_mlp": MTAEEncoder}
+class IRMColoredMNISTMLP(nn.Module):
+    """The network of the IRM paper's ColoredMNIST experiment without its output layer (Arjovsky et al. 2019;
+    official code facebookresearch/InvariantRiskMinimization, ``code/colored_mnist/main.py``, class ``MLP``):
+    the flattened 2x14x14 image, a ReLU layer of ``hidden_dim`` units, a second one of ``hidden_dim`` units,
+    Xavier-uniform weights and zero biases. Their third layer maps to one logit under a binary cross-entropy;
+    here the library's linear ``classifier`` maps to two logits under the cross-entropy, which is the same model
+    (the softmax of two logits is the sigmoid of their difference), with PyTorch's default initialisation."""
+
+    def __init__(self, input_shape: tuple[int, ...], hidden_dim: int = 256):
+        super().__init__()
+        layers = [nn.Linear(math.prod(input_shape), hidden_dim), nn.Linear(hidden_dim, hidden_dim)]
+        for layer in layers:
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.net = nn.Sequential(nn.Flatten(), layers[0], nn.ReLU(), layers[1], nn.ReLU())
+        self.n_outputs = hidden_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+PAPER_FEATURIZERS = {
+    "crossgrad_lenet": lambda shape, hparams: CrossGradLeNet(shape),
+    "mtae_mlp": lambda shape, hparams: MTAEEncoder(shape),
+    "irm_mlp": lambda shape, hparams: IRMColoredMNISTMLP(shape, hparams.get("hidden_dim", 256)),
+}
 FEATURIZERS = ("domainbed", *PAPER_FEATURIZERS)
 
 
@@ -269,7 +295,7 @@ def featurizer_for(input_shape: tuple[int, ...], hparams: dict) -> nn.Module:
     if name != "domainbed":
         if name not in PAPER_FEATURIZERS:
             raise UsageError(f"unknown featurizer '{name}': choose one of {', '.join(FEATURIZERS)}")
-        return PAPER_FEATURIZERS[name](input_shape)
+        return PAPER_FEATURIZERS[name](input_shape, hparams)
     if len(input_shape) == 1:
         return MLP(input_shape[0], hparams.get("mlp_width", 256), hparams.get("mlp_width", 256),
                    hparams.get("mlp_depth", 3), hparams.get("mlp_dropout", 0.0))

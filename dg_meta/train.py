@@ -22,6 +22,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from dg_meta.algorithm import Algorithm
 from dg_meta.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
 from dg_meta.dataset import EPISODE_PROTOCOLS, MultiDomainDataset
 from dg_meta.errors import TrainingError, UsageError
-from dg_meta.evaluation import domain_accuracy, episode_accuracy
+from dg_meta.evaluation import domain_accuracy, domain_loss, episode_accuracy
 from dg_meta.heartbeat import write_heartbeat
 from dg_meta.hparams import declared_hparams, name_seed, parse_overrides, resolve
 from dg_meta.init_from import init_from_run, run_folder
@@ -49,7 +50,9 @@ from dg_meta.samplers import (
     training_episode_sampler,
 )
 from dg_meta.splits import DomainSplits, check_test_envs
+from dg_meta.swad import SWAD
 from dg_meta.tensorboard_log import RunLog, resolve_log_every
+from dg_meta.weight_averaging import update_bn
 
 DEFAULT_DATASET = "RotatedDigits"
 TIMING_KEYS = ("step_time", "eval_time")
@@ -79,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds initialisation and sampling")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the dataset's)")
     p.add_argument("--checkpoint-freq", type=int, default=None, help="steps between evaluations/checkpoints")
-    p.add_argument("--holdout-fraction", type=float, default=0.2, help="out-split fraction of each domain")
+    p.add_argument("--holdout-fraction", type=float, default=0.2,
+                   help="out-split fraction of each domain (0: train on all of it, no training-domain validation)")
     p.add_argument("--fs-episodes", type=int, default=None,
                    help="few-shot evaluation episodes per domain (default: 100 for meta-learners, 0 otherwise)")
     p.add_argument("--fs-way", type=int, default=5, help="classes per evaluation episode")
@@ -106,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, metavar="RUN_DIR",
                    help="initialise a fresh run from RUN_DIR/checkpoint.pt (any algorithm): every weight whose name "
                         "and shape match is loaded, the rest is listed on stderr; not applied on resume")
+    p.add_argument("--swad", action="store_true",
+                   help="SWAD (Cha et al. 2021): score the dense average of the weights over the loss valley of the "
+                        "training domains' validation loss (dg_meta/swad.py); DG algorithms, --holdout-fraction > 0")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="image-folder datasets: leave out images that cannot be decoded (listed on stderr) "
                         "instead of refusing them; recorded in the run's hparams")
@@ -139,9 +146,15 @@ def resolve_run(args: argparse.Namespace) -> dict[str, Any]:
     freq = dataset_cls.CHECKPOINT_FREQ if args.checkpoint_freq is None else args.checkpoint_freq
     if steps < 1 or freq < 1:
         raise UsageError(f"--steps and --checkpoint-freq must be >= 1, got {steps} and {freq}")
-    if not 0 < args.holdout_fraction < 1:
-        raise UsageError(f"--holdout-fraction must be in (0, 1), got {args.holdout_fraction}")
+    if not 0 <= args.holdout_fraction < 1:
+        raise UsageError(f"--holdout-fraction must be in [0, 1), got {args.holdout_fraction}")
     episodic = algorithm_cls.batch_kind == "episodes"
+    if args.swad and (episodic or not algorithm_cls.predicts_classes):
+        raise UsageError(f"--swad averages the weights of DG algorithms scored on held-out domains; {args.algorithm} "
+                         "is trained on episodes: drop --swad")
+    if args.swad and args.holdout_fraction == 0:
+        raise UsageError("--swad needs the training domains' out splits for its validation loss: use "
+                         "--holdout-fraction > 0")
     fs_episodes = (100 if episodic else 0) if args.fs_episodes is None else args.fs_episodes
     if fs_episodes < 0 or min(args.fs_way, args.fs_shot, args.fs_query) < 1:
         raise UsageError(f"--fs-episodes must be >= 0 and --fs-way, --fs-shot, --fs-query >= 1, got {fs_episodes}, "
@@ -161,7 +174,7 @@ def resolve_run(args: argparse.Namespace) -> dict[str, Any]:
         "hparams_seed": args.hparams_seed, "trial_seed": args.trial_seed, "seed": args.seed,
         "steps": steps, "checkpoint_freq": freq, "holdout_fraction": args.holdout_fraction,
         "fs_episodes": fs_episodes, "fs_way": args.fs_way, "fs_shot": args.fs_shot, "fs_query": args.fs_query,
-        "pretrained": pretrained, **init_from, **protocol,
+        "pretrained": pretrained, **init_from, **protocol, **({"swad": True} if args.swad else {}),
     }
 
 
@@ -202,6 +215,7 @@ class Trainer:
         self.sampler = self._train_sampler()
         if self.algorithm.batch_kind == "episodes":
             self.algorithm.set_training_classes(self._cells(self.splits.train_envs, use_in=True))
+        self.swad = SWAD(self.algorithm) if run.get("swad") else None
         self.step = 0
         self.records: list[dict] = []
 
@@ -209,42 +223,62 @@ class Trainer:
         return split_cells(self.dataset, self.splits, envs, "in" if use_in else "out")
 
     def _train_sampler(self) -> DomainBatchSampler | EpisodeSampler:
-        train_envs = self.splits.train_envs
         hp = self.run["hparams"]
         if self.algorithm.batch_kind == "episodes":
             return training_episode_sampler(self.dataset, self.splits, self.run["episode_protocol"], hp["n_way"],
                                             hp["k_shot"], hp["n_query"], self.run["seed"])
+        return self._domain_sampler("sampler")
+
+    def _domain_sampler(self, purpose: str) -> DomainBatchSampler:
+        """Minibatches of every training domain's ``in`` split, seeded by the run's seed and ``purpose``."""
+        train_envs = self.splits.train_envs
         return DomainBatchSampler([self.dataset.domains[e].for_training() for e in train_envs],
-                                  [self.splits.in_idx[e] for e in train_envs], hp["batch_size"],
-                                  name_seed(self.run["seed"], "sampler"))
+                                  [self.splits.in_idx[e] for e in train_envs], self.run["hparams"]["batch_size"],
+                                  name_seed(self.run["seed"], purpose))
 
     def next_batch(self) -> Any:
         if self.algorithm.batch_kind == "episodes":
             return [next(self.sampler) for _ in range(self.run["hparams"]["meta_batch_size"])]
         return next(self.sampler)
 
-    def evaluate(self) -> dict[str, float]:
-        """Per-domain in/out accuracy and, if asked, episode accuracy with its 95% CI (RNG untouched)."""
+    def evaluate(self, model: Algorithm | None = None) -> dict[str, float]:
+        """Per-domain in/out accuracy (with SWAD: the training domains' mean out-split loss) and, if asked,
+        episode accuracy with its 95% CI, of ``model`` (default: the algorithm), RNG untouched."""
+        model = self.algorithm if model is None else model
         metrics: dict[str, float] = {}
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            if self.algorithm.predicts_classes:
+            if model.predicts_classes:
                 for env, domain in enumerate(self.dataset.domains):
-                    metrics[f"env{env}_in_acc"] = domain_accuracy(self.algorithm, domain, self.splits.in_idx[env])
-                    metrics[f"env{env}_out_acc"] = domain_accuracy(self.algorithm, domain,
-                                                                   self.splits.out_idx[env])
+                    metrics[f"env{env}_in_acc"] = domain_accuracy(model, domain, self.splits.in_idx[env])
+                    if len(self.splits.out_idx[env]):  # --holdout-fraction 0: no out split, no key
+                        metrics[f"env{env}_out_acc"] = domain_accuracy(model, domain, self.splits.out_idx[env])
+            if self.swad is not None:
+                losses = [domain_loss(model, self.dataset.domains[e], self.splits.out_idx[e])
+                          for e in self.splits.train_envs]
+                metrics["train_out_loss"] = sum(losses) / len(losses)
             if self.run["fs_episodes"] > 0:
-                metrics.update(self._episode_metrics())
+                metrics.update(self._episode_metrics(model))
         return metrics
 
-    def _episode_metrics(self) -> dict[str, float]:
+    def swad_record(self) -> dict[str, Any]:
+        """The SWAD model's record: the selected average (batch norms recomputed on 500 training batches from
+        their own seeded sampler) scored like a checkpoint, with the steps it spans and whether the validation
+        loss converged (if not, SWAD's rule falls back to the last segment)."""
+        assert self.swad is not None
+        model, average = self.swad.averaged_model()
+        update_bn(model, model.predict, pooled_inputs(self._domain_sampler("swad_bn")))
+        return {**self.evaluate(model), "step": self.step, "swad": True, "swad_start_step": average.start_step,
+                "swad_end_step": average.end_step, "swad_converged": self.swad.valley.converge_step is not None}
+
+    def _episode_metrics(self, model: Algorithm) -> dict[str, float]:
         """``{prefix}_fs_acc`` / ``_fs_ci`` per evaluation sampler of the run's protocol: ``env{i}`` per domain
         (per_domain), or ``val`` and ``test`` pooling the training / held-out classes (class_pool)."""
         metrics = {}
         for prefix, sampler in evaluation_episode_samplers(
                 self.dataset, self.splits, self.run["episode_protocol"], self.run["fs_way"], self.run["fs_shot"],
                 self.run["fs_query"], self.run["seed"]).items():
-            acc, ci = episode_accuracy(self.algorithm, sampler, self.run["fs_episodes"])
+            acc, ci = episode_accuracy(model, sampler, self.run["fs_episodes"])
             metrics.update({f"{prefix}_fs_acc": acc, f"{prefix}_fs_ci": ci})
         return metrics
 
@@ -252,8 +286,9 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        swad = {} if self.swad is None else {"swad": self.swad.state_dict()}
         return {"step": self.step, "algorithm": self.algorithm.checkpoint_state(),
-                "sampler": self.sampler.state_dict(), "rng": rng, "records": self.records}
+                "sampler": self.sampler.state_dict(), "rng": rng, "records": self.records, **swad}
 
     def load(self, state: dict) -> None:
         self.step = state["step"]
@@ -263,6 +298,14 @@ class Trainer:
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.records = state["records"]
+        if self.swad is not None:
+            self.swad.load_state_dict(state["swad"])
+
+
+def pooled_inputs(sampler: DomainBatchSampler) -> Iterator[torch.Tensor]:
+    """The inputs of every training domain's minibatch, concatenated, one step after another."""
+    while True:
+        yield torch.cat([x for x, _ in next(sampler)])
 
 
 def _write_records(path: Path, records: list[dict]) -> None:
@@ -280,7 +323,10 @@ def summary_line(run: dict[str, Any], record: dict, env_names: list[str]) -> str
     for prefix, pool in (("val", "training classes"), ("test", "held-out classes")):  # class_pool episodes
         if f"{prefix}_fs_acc" in record:
             parts.append(f"{pool} {prefix} {100 * record[f'{prefix}_fs_acc']:.1f}%")
-    return f"{run['algorithm']} on {run['dataset']} step {record['step']}: " + " | ".join(parts)
+    swad = "" if not record.get("swad") else (
+        f" (SWAD: mean of steps {record['swad_start_step']}-{record['swad_end_step']}"
+        + ("" if record["swad_converged"] else "; the loss never reached a valley: the last segment only") + ")")
+    return f"{run['algorithm']} on {run['dataset']} step {record['step']}{swad}: " + " | ".join(parts)
 
 
 def check_compile(algorithm: str) -> None:
@@ -414,20 +460,23 @@ def train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, pro
             "host": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         })
     tb = RunLog(output_dir / "tb", run, trainer.dataset.ENVIRONMENTS, trainer.step, log_every)
-    run_info = {"args": {k: run[k] for k in ("algorithm", "dataset", "test_envs", "hparams_seed",
-                                             "trial_seed", "seed")}, "hparams": run["hparams"]}
+    run_info = {"args": {**{k: run[k] for k in ("algorithm", "dataset", "test_envs", "hparams_seed",
+                                                "trial_seed", "seed")}, **({"swad": True} if run.get("swad") else {})},
+                "hparams": run["hparams"]}
     sums: dict[str, Any] = {}
     steps_in_interval, interval_start = 0, time.perf_counter()
     attempt_start, attempt_start_step = time.time(), trainer.step
     checked_step = trainer.step  # the losses are known finite up to here
     bar = tqdm(total=run["steps"], initial=trainer.step, disable=not progress, desc=run["algorithm"],
                dynamic_ncols=True, file=sys.stderr)
-    while trainer.step < run["steps"]:
+    while trainer.step < run["steps"] and not (trainer.swad and trainer.swad.dead_valley):
         losses = trainer.algorithm.update(trainer.next_batch())
         for key, value in losses.items():
             value = value.detach() if isinstance(value, torch.Tensor) else value
             sums[key] = sums[key] + value if key in sums else value
         trainer.step += 1
+        if trainer.swad is not None:
+            trainer.swad.update(trainer.step)
         steps_in_interval += 1
         bar.update(1)
         tb.add_losses(losses, trainer.step)
@@ -445,6 +494,8 @@ def train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, pro
         record.update(trainer.evaluate())
         record.update(step=trainer.step, step_time=step_time, eval_time=time.perf_counter() - eval_start,
                       **run_info)
+        if trainer.swad is not None:
+            trainer.swad.close_segment(record["train_out_loss"])
         trainer.records.append(record)
         _write_records(results_path, trainer.records)
         tb.add_checkpoint(trainer.records)
@@ -453,6 +504,9 @@ def train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, pro
         bar.set_postfix_str(summary_line(run, record, trainer.dataset.ENVIRONMENTS).split(": ", 1)[1][:80])
         sums, steps_in_interval, interval_start = {}, 0, time.perf_counter()
     bar.close()
+    if trainer.swad is not None:
+        trainer.records.append({**trainer.swad_record(), **run_info})
+        _write_records(results_path, trainer.records)
     tb.finish()
     atomic_write_text(done_path, "")
     return trainer.records[-1]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dg_meta import registry
 from dg_meta.errors import UsageError
-from dg_meta.selection import METHODS, select
+from dg_meta.selection import METHODS, algorithm_label, select
 
 METHOD_TITLES = {"training_domain": "Training-domain validation",
                  "leave_one_domain_out": "Leave-one-domain-out validation",
@@ -117,7 +117,7 @@ def selection_tables(records: list[dict], method: str) -> list[Table]:
         envs = _single_test_envs(records, dataset)
         if not envs:
             continue
-        algorithms = sorted({r["args"]["algorithm"] for r in records if r["args"]["dataset"] == dataset})
+        algorithms = sorted({algorithm_label(r["args"]) for r in records if r["args"]["dataset"] == dataset})
         cells = {a: _row([selected.get((dataset, a, e), {}) for e in envs]) for a in algorithms}
         tables.append(Table(METHOD_TITLES[method], dataset, _columns(records, dataset, envs), cells))
     return tables
@@ -130,7 +130,7 @@ def fewshot_tables(records: list[dict]) -> list[Table]:
         a = r["args"]
         if len(a["test_envs"]) != 1 or f"env{a['test_envs'][0]}_fs_acc" not in r:
             continue
-        key = (a["dataset"], a["algorithm"], a["test_envs"][0], a["trial_seed"], a["hparams_seed"])
+        key = (a["dataset"], algorithm_label(a), a["test_envs"][0], a["trial_seed"], a["hparams_seed"])
         if key not in last or r["step"] > last[key]["step"]:
             last[key] = r
     best: dict[tuple, dict[int, tuple[float, float, float]]] = defaultdict(dict)
