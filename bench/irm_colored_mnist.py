@@ -17,8 +17,10 @@ Each method's settings and where they come from (``METHODS``):
 
 Mapping to this library's hparams (exact, not approximate): the official L2 term ``l2 * sum ||w||^2`` over
 every parameter is Adam's ``weight_decay = 2 * l2`` (its gradient); dividing the loss by the weight ``w`` is
-the algorithm's ``*_rescale`` hparam, which also divides the weight decay by ``w`` so that the L2 term keeps
-its share of the gradient, as in the official loss. V-REx's ``sum + w (R_1 - R_2)^2 + l2 ||w||^2`` equals
+the algorithms' ``divide_loss_by_penalty_weight`` hparam, which also divides the weight decay by ``w`` (the
+official L2 term is part of the divided loss) and keeps Adam's moments at the switch, as the official code does;
+``irm_unbiased_penalty: false`` squares the full-batch gradient, as the official ``penalty`` does. V-REx's
+``sum + w (R_1 - R_2)^2 + l2 ||w||^2`` equals
 twice DomainBed's ``mean + lambda var + (l2 / 2) ||w||^2`` with ``lambda = 2 w`` (the variance of two risks is
 ``(R_1 - R_2)^2 / 4``), so ``vrex_lambda = 20000`` and ``weight_decay = l2``; a constant factor on the whole
 loss does not change Adam's steps (up to its epsilon). One difference remains: before the switch the V-REx
@@ -53,10 +55,11 @@ STEPS = 500
 METHODS: dict[str, dict] = {
     "ERM": {"hparams": {"hidden_dim": 256, "lr": 1e-3, "weight_decay": 2 * 0.001}},
     "IRM": {"hparams": {"hidden_dim": 390, "lr": 0.0004898536566546834, "weight_decay": 2 * 0.00110794568,
-                        "irm_lambda": 91257.18613115903, "irm_penalty_anneal_iters": 190, "irm_rescale": True,
-                        "irm_full_batch_penalty": True}},
+                        "irm_lambda": 91257.18613115903, "irm_penalty_anneal_iters": 190,
+                        "divide_loss_by_penalty_weight": True, "irm_unbiased_penalty": False}},
     "VREx": {"hparams": {"hidden_dim": 256, "lr": 1e-3, "weight_decay": 0.001, "vrex_lambda": 20000.0,
-                         "vrex_penalty_anneal_iters": 100, "vrex_rescale": True}},
+                         "vrex_penalty_anneal_iters": 100,
+                         "divide_loss_by_penalty_weight": True}},
 }
 #: (train %, test %) as published: IRM paper section 5.2 table (ERM, IRM); V-REx paper Table 1 (V-REx)
 PUBLISHED = {"ERM": (87.4, 0.2, 17.1, 0.6), "IRM": (70.8, 0.9, 66.9, 2.5), "VREx": (71.5, 1.0, 68.7, 0.9)}

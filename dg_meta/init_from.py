@@ -39,7 +39,8 @@ def read_run_model(run_dir: str | Path, option: str) -> dict[str, Tensor]:
 
 
 def _weights(module: nn.Module) -> dict[str, Tensor]:
-    return {k: v for k, v in module.state_dict().items() if v.is_floating_point()}
+    """The module's floating-point tensors (not counters, not extra state such as a penalty schedule's step)."""
+    return {k: v for k, v in module.state_dict().items() if isinstance(v, Tensor) and v.is_floating_point()}
 
 
 def load_matching(module: nn.Module, state: dict[str, Tensor]) -> tuple[list[str], list[str]]:
@@ -52,7 +53,7 @@ def load_matching(module: nn.Module, state: dict[str, Tensor]) -> tuple[list[str
     with torch.no_grad():
         for name, tensor in _weights(module).items():
             source = state.get(name)
-            if source is not None and source.is_floating_point() and source.shape == tensor.shape:
+            if isinstance(source, Tensor) and source.is_floating_point() and source.shape == tensor.shape:
                 tensor.copy_(source)
                 loaded.append(name)
             else:

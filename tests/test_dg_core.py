@@ -17,6 +17,7 @@ from dg_meta.adversarial import (
 from dg_meta.feature_alignment import DOMAINBED_GAMMAS, coral_distance, gaussian_mmd, mean_over_pairs
 from dg_meta.gradients import domain_gradients, per_example_gradients
 from dg_meta.hparams import resolve
+from dg_meta.init_from import load_matching
 from dg_meta.penalty_schedule import PenaltySchedule
 
 
@@ -120,3 +121,16 @@ def test_per_example_gradients_match_one_backward_per_example_and_are_differenti
         assert torch.allclose(grads["bias"][i], gb, rtol=0, atol=1e-12)
     (dz,) = torch.autograd.grad(grads["weight"].var(0).sum(), [z])
     assert dz.abs().sum() > 0
+
+
+def test_init_from_loads_weights_and_leaves_a_schedules_step_alone():
+    def model() -> nn.Module:
+        m = nn.Module()
+        m.lin, m.schedule = nn.Linear(2, 1), PenaltySchedule(10.0, 5)
+        return m
+
+    source, target = model(), model()
+    source.schedule.count = 7
+    loaded, skipped = load_matching(target, source.state_dict())
+    assert (loaded, skipped) == (["lin.weight", "lin.bias"], [])
+    assert torch.equal(target.lin.weight, source.lin.weight) and target.schedule.count == 0
