@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from dg_meta.algorithm import EpisodicAlgorithm, Losses
 from dg_meta.errors import UsageError
+from dg_meta.functional import interpolate_
 from dg_meta.hparams import HParam, choice, int_uniform, log_uniform, non_negative, positive
 from dg_meta.networks import Conv4
 from dg_meta.registry import register_algorithm
@@ -123,9 +124,7 @@ class Reptile(EpisodicAlgorithm):
             for m, p in zip(mean_phi, self.fast.parameters()):
                 m += p.detach() / len(episodes)
         eps = self.outer_step_size()
-        with torch.no_grad():
-            for p, t, m in zip(self.network.parameters(), theta, mean_phi):
-                p.copy_(t + eps * (m - t))
+        interpolate_(self.network.parameters(), mean_phi, eps)
         self.meta_step += 1
         return {"loss": loss}
 

@@ -12,12 +12,14 @@ running averages. Under ``vmap`` PyTorch's batched ``batch_norm`` gives a wrong 
 (measured: 1e-2 off the per-task loop in float64 on Conv4, while the loop agrees with finite differences),
 so the vmap path runs a copy of the network whose batch-norm layers compute the same normalisation from
 primitive tensor ops (``BatchStatNorm``); other normalisation layers are refused there.
+
+``interpolate_`` is the outer update of Reptile and Fish, ``theta <- theta + eps (theta~ - theta)``.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -168,3 +170,10 @@ def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, steps: int
         p = r + (rr_new / rr) * p
         rr = rr_new
     return x
+
+
+def interpolate_(tensors: Iterable[Tensor], targets: Iterable[Tensor], step: float) -> None:
+    """``t <- t + step (target - t)`` in place, for each pair of ``tensors`` and ``targets``."""
+    with torch.no_grad():
+        for t, target in zip(tensors, targets):
+            t.add_(target - t, alpha=step)
