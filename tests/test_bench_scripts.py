@@ -121,3 +121,23 @@ def test_fewshot_omniglot_table_and_resume(tmp_path, monkeypatch):
         fewshot.main([*argv[:7], "3", *argv[8:]])  # another step budget is another cell
     assert fewshot.main([*argv[:3], "ProtoNet", "MatchingNet", *argv[4:], "--collect-only"]) == 0
     assert "| MatchingNet | not run |  |  |  |  |" in doc.read_text()
+
+
+irm_cmnist = _load("irm_colored_mnist")
+
+
+def test_irm_colored_mnist_runs_carry_the_papers_settings_and_refuse_no_seeds(capsys):
+    runs = irm_cmnist.job_runs(irm_cmnist.build_parser().parse_args(["--seeds", "2"]))
+    assert [(r["algorithm"], r["seed"]) for r in runs] == [("ERM", 0), ("ERM", 1), ("IRM", 0), ("IRM", 1),
+                                                           ("VREx", 0), ("VREx", 1)]
+    irm = runs[2]
+    assert (irm["dataset"], irm["steps"], irm["holdout_fraction"]) == ("ColoredMNIST_IRM", 500, 0)
+    assert irm["test_envs"] == [2]
+    hp = irm["hparams"]
+    assert (hp["hidden_dim"], hp["irm_lambda"], hp["irm_penalty_anneal_iters"]) == (390, 91257.18613115903, 190)
+    assert hp["divide_loss_by_penalty_weight"] and not hp["irm_unbiased_penalty"] and hp["batch_size"] == 25000
+    assert hp["weight_decay"] == pytest.approx(2 * 0.00110794568)
+    assert runs[4]["hparams"]["vrex_lambda"] == 20000.0
+    assert irm_cmnist.main(["--seeds", "0"]) == 2
+    assert "--seeds and --steps must be >= 1" in capsys.readouterr().err
+    assert irm_cmnist.mean_se([1.0, 3.0]) == "2.0 ± 1.0" and irm_cmnist.mean_se([4.0]) == "4.0"

@@ -68,8 +68,15 @@ def test_featurizer_hparam_picks_the_network():
     assert isinstance(featurizer_for(shape, {"featurizer": "domainbed"}), MNISTConvNet)
     assert isinstance(featurizer_for(shape, {"featurizer": "crossgrad_lenet"}), CrossGradLeNet)
     assert isinstance(featurizer_for(shape, {"featurizer": "mtae_mlp"}), MTAEEncoder)
+    irm = featurizer_for((2, 14, 14), {"featurizer": "irm_mlp", "hidden_dim": 7})
+    linears = [m for m in irm.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(392, 7), (7, 7)] and irm.n_outputs == 7
+    assert all(torch.equal(m.bias, torch.zeros(7)) for m in linears)
+    x = torch.rand(3, 2, 14, 14)
+    expected = torch.relu(torch.relu(x.reshape(3, 392) @ linears[0].weight.T) @ linears[1].weight.T)
+    torch.testing.assert_close(irm(x), expected)
     with pytest.raises(UsageError, match="^unknown featurizer 'lenet': choose one of domainbed, crossgrad_lenet, "
-                                         "mtae_mlp$"):
+                                         "mtae_mlp, irm_mlp$"):
         featurizer_for(shape, {"featurizer": "lenet"})
     with pytest.raises(UsageError, match="needs images of at least 8x8"):
         CrossGradLeNet((1, 7, 7))
@@ -79,7 +86,7 @@ def test_dataset_declares_and_checks_the_hparams():
     declared = declared_hparams(MNISTRotation1k)
     assert resolve(declared)["featurizer"] == "domainbed" and resolve(declared)["image_size"] == 28
     with pytest.raises(UsageError, match="^hparam 'featurizer' = 'lenet' is invalid: it must be one of domainbed, "
-                                         "crossgrad_lenet, mtae_mlp$"):
+                                         "crossgrad_lenet, mtae_mlp, irm_mlp$"):
         resolve(declared, overrides={"featurizer": "lenet"})
     with pytest.raises(UsageError, match="hparam 'image_size' = 0 is invalid"):
         resolve(declared, overrides={"image_size": 0})

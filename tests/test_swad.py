@@ -149,8 +149,8 @@ def test_update_bn_recomputes_running_statistics_as_the_plain_mean():
 
 
 def swad_run(*extra: str) -> dict:
-    return resolve_run(parse_args(["--algorithm", "ERM", "--steps", "60", "--checkpoint-freq", "5", "--test-envs",
-                                   "0", "--swad", "--hparams", '{"lr": 0.02, "batch_size": 8}', *extra]))
+    return resolve_run(parse_args(["--algorithm", "ERM", "--steps", "30", "--checkpoint-freq", "5", "--test-envs",
+                                   "0", "--swad", "--hparams", '{"lr": 0.02, "batch_size": 4}', *extra]))
 
 
 class Crash(Exception):
@@ -166,13 +166,13 @@ def test_swad_run_ends_with_the_averaged_models_record_and_resume_equals_uninter
     saves = []
     original = train_module.atomic_torch_save
 
-    def crash_on_fourth(path, obj):
+    def crash_on_third(path, obj):
         original(path, obj)
         saves.append(path)
-        if len(saves) == 4:
+        if len(saves) == 3:
             raise Crash
 
-    monkeypatch.setattr(train_module, "atomic_torch_save", crash_on_fourth)
+    monkeypatch.setattr(train_module, "atomic_torch_save", crash_on_third)
     with pytest.raises(Crash):
         train(run, "data", tmp_path / "resumed", "cpu", progress=False)
     monkeypatch.setattr(train_module, "atomic_torch_save", original)
