@@ -9,7 +9,7 @@ from torch import Tensor
 
 from dg_meta.algorithm import Losses
 from dg_meta.hparams import HParam, log_uniform, non_negative
-from dg_meta.invariance import divide_by_penalty_weight
+from dg_meta.invariance import annealed_penalty_step
 from dg_meta.penalty_schedule import PenaltySchedule
 from dg_meta.registry import register_algorithm
 
@@ -58,14 +58,5 @@ class VREx(ERM):
         risks = torch.stack([F.cross_entropy(z, y) for z, (_, y) in zip(logits, batch)])
         nll = risks.mean()
         penalty = risks.var(correction=0)
-        weight = self.penalty_schedule.weight()
-        loss = nll + weight * penalty
-        if self.hparams["divide_loss_by_penalty_weight"]:
-            loss = divide_by_penalty_weight(loss, weight, self.optimizer, self.hparams["weight_decay"])
-        elif self.penalty_schedule.switching():
-            self.optimizer = self.build_optimizer()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.penalty_schedule.advance()
-        return {"loss": loss.detach(), "nll": nll.detach(), "penalty": penalty.detach()}
+        loss = annealed_penalty_step(self, self.penalty_schedule, nll, penalty)
+        return {"loss": loss, "nll": nll.detach(), "penalty": penalty.detach()}

@@ -7,6 +7,8 @@ bottleneck's feature variance), and the loss rescaling of the official IRM and V
   code (``InvariantRiskMinimization/code/colored_mnist/main.py``, ``penalty``) squares the full-batch gradient.
 - ``feature_variance``: the mean over feature dimensions of the unbiased per-dimension variance over the batch
   (Ahuja et al. 2021's proxy for the entropy of the representation; DomainBed ``IB_ERM`` / ``IB_IRM``).
+- ``annealed_penalty_step``: IRM's and V-REx's optimizer step on ``nll + w penalty`` in DomainBed's form or the
+  official code's (below).
 - ``divide_by_penalty_weight``: ``loss / w`` while ``w > 1``, as the official IRM and V-REx ColoredMNIST code
   does after adding ``w`` times its penalty ("to keep gradients in a reasonable range"), with the optimizer's
   weight decay divided by ``w`` too: that code's L2 term is part of the loss it divides.
@@ -14,9 +16,13 @@ bottleneck's feature variance), and the loss rescaling of the official IRM and V
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from dg_meta.penalty_schedule import PenaltySchedule
 
 
 def irm_penalty(logits: Tensor, y: Tensor, unbiased: bool = True) -> Tensor:
@@ -45,3 +51,24 @@ def divide_by_penalty_weight(loss: Tensor, weight: float, optimizer: torch.optim
     for group in optimizer.param_groups:
         group["weight_decay"] = weight_decay / divisor
     return loss / divisor
+
+
+def annealed_penalty_step(owner: Any, schedule: PenaltySchedule, nll: Tensor, penalty: Tensor) -> Tensor:
+    """One step of ``owner.optimizer`` on ``nll + w penalty`` with ``w = schedule.weight()`` (IRM, V-REx).
+
+    With ``owner.hparams["divide_loss_by_penalty_weight"]``: the official ColoredMNIST code's form, loss and weight
+    decay divided by ``max(w, 1)`` (``divide_by_penalty_weight``), Adam kept across the switch; otherwise
+    DomainBed's: Adam rebuilt (``owner.build_optimizer()``) at the switch. Advances the schedule; returns the
+    minimised loss, detached.
+    """
+    loss = nll + schedule.weight() * penalty
+    if owner.hparams["divide_loss_by_penalty_weight"]:
+        loss = divide_by_penalty_weight(loss, schedule.weight(), owner.optimizer, owner.hparams["weight_decay"])
+    elif schedule.switching():
+        owner.optimizer = owner.build_optimizer()
+    owner.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    owner.optimizer.step()
+    schedule.advance()
+    return loss.detach()
+
