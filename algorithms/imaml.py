@@ -7,11 +7,21 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from dg_meta.algorithms.maml import ENGINE_HPARAM
 from torch import Tensor, nn
 
 from dg_meta.algorithm import EpisodicAlgorithm, Losses
+from dg_meta.batched_tasks import (
+    batched_forward,
+    batched_predictor,
+    fold_network,
+    resolve_engine,
+    stack_params,
+    task_losses,
+)
 from dg_meta.errors import UsageError
 from dg_meta.functional import (
+    LossFn,
     Params,
     conjugate_gradient,
     flat,
@@ -24,31 +34,43 @@ from dg_meta.functional import (
 from dg_meta.hparams import HParam, choice, log_uniform, positive
 from dg_meta.networks import Conv4
 from dg_meta.registry import register_algorithm
-from dg_meta.samplers import Episode
+from dg_meta.samplers import Episode, stack_episodes
+from dg_meta.task_threads import TaskThreads, sum_in_order
+
+Forward = Callable[[Params, Tensor], Tensor]
 
 
-def proximal_inner_loop(module: nn.Module, theta: Params, x: Tensor, y: Tensor, lam: float, steps: int,
-                        lr: float) -> Params:
-    """``steps`` gradient steps from ``theta`` on ``CE(module(x; phi), y) + lam/2 ||phi - theta||^2``;
-    returns detached leaves ``phi`` (requiring grad) with no graph back to ``theta``."""
+def proximal_inner_loop(forward: Forward, theta: Params, x: Tensor, y: Tensor, lam: float, steps: int, lr: float,
+                        loss_fn: LossFn = F.cross_entropy) -> Params:
+    """``steps`` gradient steps from ``theta`` on ``loss_fn(forward(phi, x), y) + lam/2 ||phi - theta||^2``;
+    returns detached leaves ``phi`` (requiring grad) with no graph back to ``theta``. With the batched engine
+    ``theta`` is stacked over tasks and ``loss_fn`` sums the tasks' losses: each task takes its own steps."""
     anchor = {k: v.detach() for k, v in theta.items()}
     phi = {k: v.detach().clone().requires_grad_() for k, v in theta.items()}
     for _ in range(steps):
         prox = sum(((phi[k] - anchor[k]) ** 2).sum() for k in phi)
-        loss = F.cross_entropy(functional_forward(module, phi, x), y) + 0.5 * lam * prox
+        loss = loss_fn(forward(phi, x), y) + 0.5 * lam * prox
         phi = {k: v.detach().requires_grad_() for k, v in sgd_step(phi, loss, lr, create_graph=False).items()}
     return phi
 
 
-def implicit_meta_gradient(module: nn.Module, phi: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                           query_y: Tensor, lam: float, cg_steps: int) -> Tensor:
+def implicit_meta_gradient(forward: Forward, phi: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                           query_y: Tensor, lam: float, cg_steps: int, loss_fn: LossFn = F.cross_entropy,
+                           batch_dims: int = 0) -> Tensor:
     """``(I + H/lam)^-1 g`` (flat), ``g = grad L_query(phi)``, ``H = hess L_support(phi)``, by ``cg_steps`` of
-    conjugate gradient with Hessian-vector products (Rajeswaran et al. 2019, Algorithm 2)."""
+    conjugate gradient with Hessian-vector products (Rajeswaran et al. 2019, Algorithm 2). With
+    ``batch_dims=1`` (the batched engine) ``phi`` is stacked over tasks, ``loss_fn`` sums their losses, and
+    every task's system is solved at once (``[E, P]``)."""
     leaves = list(phi.values())
-    g_query = flat(torch.autograd.grad(F.cross_entropy(functional_forward(module, phi, query_x), query_y), leaves))
-    g_train = torch.autograd.grad(F.cross_entropy(functional_forward(module, phi, support_x), support_y), leaves,
-                                  create_graph=True)
-    return conjugate_gradient(lambda v: v + hessian_vector_product(g_train, leaves, v) / lam, g_query, cg_steps)
+    g_query = flat(torch.autograd.grad(loss_fn(forward(phi, query_x), query_y), leaves), batch_dims)
+    g_train = torch.autograd.grad(loss_fn(forward(phi, support_x), support_y), leaves, create_graph=True)
+    return conjugate_gradient(lambda v: v + hessian_vector_product(g_train, leaves, v, batch_dims) / lam, g_query,
+                              cg_steps)
+
+
+def summed_task_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """The sum over tasks of each task's mean cross-entropy (stacked ``[E, N, K]`` logits)."""
+    return task_losses(F.cross_entropy, logits, y).sum()
 
 
 @register_algorithm
@@ -88,6 +110,7 @@ class iMAML(EpisodicAlgorithm):  # noqa: N801 (the method's name)
         "inner_steps_test": HParam(16, choice([16, 25]), positive, "a positive integer",
                                    "inner gradient steps when adapting at evaluation"),
         "cg_steps": HParam(5, choice([3, 5, 10]), positive, "a positive integer", "conjugate-gradient iterations"),
+        "engine": ENGINE_HPARAM,
     }
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
@@ -104,34 +127,88 @@ class iMAML(EpisodicAlgorithm):  # noqa: N801 (the method's name)
                              f"{n_way} classes: set --fs-way to n_way or hparam n_way to {n_way}")
         return parameters_of(self.network)
 
+    def _engine_helper(self, key: str, build: Callable[[], object]) -> object:
+        cache = self.__dict__.setdefault("_engine_cache", {})
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
+    def _task(self, network: nn.Module, e: Episode, n: int) -> tuple[Tensor, Tensor]:
+        """One task's implicit meta-gradient divided by ``n`` (flat) and its query loss at ``phi``."""
+        hp = self.hparams
+        forward = lambda params, x: functional_forward(network, params, x)  # noqa: E731
+        phi = proximal_inner_loop(forward, self._theta(e.n_way), e.support_x, e.support_y, hp["lam"],
+                                  hp["inner_steps"], hp["inner_lr"])
+        grad = implicit_meta_gradient(forward, phi, e.support_x, e.support_y, e.query_x, e.query_y, hp["lam"],
+                                      hp["cg_steps"]) / n
+        with torch.no_grad():
+            return grad, F.cross_entropy(forward(phi, e.query_x), e.query_y)
+
     def update(self, episodes: list[Episode]) -> Losses:
         hp = self.hparams
         theta = self._theta(episodes[0].n_way)
-        meta_grad = torch.zeros_like(flat([p.detach() for p in theta.values()]))
-        query_loss = 0.0
-        for e in episodes:
-            phi = proximal_inner_loop(self.network, theta, e.support_x, e.support_y, hp["lam"], hp["inner_steps"],
-                                      hp["inner_lr"])
-            meta_grad += implicit_meta_gradient(self.network, phi, e.support_x, e.support_y, e.query_x, e.query_y,
-                                                hp["lam"], hp["cg_steps"]) / len(episodes)
+        engine, n = resolve_engine(hp["engine"], next(self.parameters()).device), len(episodes)
+        if engine in ("batched", "vmap"):
+            folded = self._engine_helper("folded", lambda: fold_network(self.network))
+            forward = lambda params, x: batched_forward(folded, params, x)  # noqa: E731
+            tasks = stack_episodes(episodes)
+            phi = proximal_inner_loop(forward, stack_params(theta, n), tasks.support_x, tasks.support_y, hp["lam"],
+                                      hp["inner_steps"], hp["inner_lr"], summed_task_cross_entropy)
+            meta_grad = implicit_meta_gradient(forward, phi, tasks.support_x, tasks.support_y, tasks.query_x,
+                                               tasks.query_y, hp["lam"], hp["cg_steps"], summed_task_cross_entropy,
+                                               batch_dims=1).sum(0) / n
             with torch.no_grad():
-                query_loss += F.cross_entropy(functional_forward(self.network, phi, e.query_x), e.query_y)
+                query_loss = task_losses(F.cross_entropy, forward(phi, tasks.query_x), tasks.query_y).mean()
+        else:
+            if engine == "threads":
+                threads = self._engine_helper("threads", lambda: TaskThreads(self.network))
+                results = threads.map(lambda network, e: self._task(network, e, n), episodes)
+            else:
+                results = [self._task(self.network, e, n) for e in episodes]
+            meta_grad, query_loss = sum_in_order(results)
+            query_loss = query_loss / n
         for p, g in zip(theta.values(), unflat(meta_grad, list(theta.values()))):
             p.grad = g.clone()
         self.optimizer.step()
-        return {"loss": query_loss / len(episodes)}
+        return {"loss": query_loss}
 
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
-        """``inner_steps_test`` proximal gradient steps from theta on the support set."""
+    def _adapted(self, network: nn.Module, support_x: Tensor, support_y: Tensor) -> Params:
         hp = self.hparams
         theta = self._theta(int(support_y.max()) + 1)
         with torch.enable_grad():
-            phi = proximal_inner_loop(self.network, theta, support_x, support_y, hp["lam"], hp["inner_steps_test"],
-                                      hp["inner_lr"])
-        phi = {k: v.detach() for k, v in phi.items()}
+            phi = proximal_inner_loop(lambda params, x: functional_forward(network, params, x), theta, support_x,
+                                      support_y, hp["lam"], hp["inner_steps_test"], hp["inner_lr"])
+        return {k: v.detach() for k, v in phi.items()}
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
+        """``inner_steps_test`` proximal gradient steps from theta on the support set."""
+        phi = self._adapted(self.network, support_x, support_y)
 
         def predict_query(query_x: Tensor) -> Tensor:
             with torch.no_grad():
                 return functional_forward(self.network, phi, query_x)
 
         return predict_query
+
+    def adapt_episodes(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
+        """``adapt`` for E stacked episodes at once through the task engine."""
+        hp = self.hparams
+        engine = resolve_engine(hp["engine"], next(self.parameters()).device)
+        if engine in ("batched", "vmap"):
+            folded = self._engine_helper("folded", lambda: fold_network(self.network))
+            theta = stack_params(self._theta(int(support_y.max()) + 1), len(support_x))
+            with torch.enable_grad():
+                phi = proximal_inner_loop(lambda params, x: batched_forward(folded, params, x), theta, support_x,
+                                          support_y, hp["lam"], hp["inner_steps_test"], hp["inner_lr"],
+                                          summed_task_cross_entropy)
+            return batched_predictor(folded, phi, lambda logits: logits)
+        if engine == "threads":
+            threads = self._engine_helper("threads", lambda: TaskThreads(self.network))
+            phis = threads.map(lambda network, s: self._adapted(network, *s), list(zip(support_x, support_y)))
+
+            def predict_queries(query_x: Tensor) -> Tensor:
+                with torch.no_grad():
+                    return torch.stack([functional_forward(self.network, phi, qx) for phi, qx in zip(phis, query_x)])
+
+            return predict_queries
+        return super().adapt_episodes(support_x, support_y)

@@ -10,6 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dg_meta.algorithm import EpisodicAlgorithm, Losses
+from dg_meta.batched_tasks import (
+    ENGINES,
+    batched_inner_loop,
+    batched_predictor,
+    batched_query_losses,
+    fold_network,
+    resolve_engine,
+    stack_params,
+)
 from dg_meta.errors import UsageError
 from dg_meta.functional import (
     Params,
@@ -24,6 +33,14 @@ from dg_meta.hparams import HParam, choice, log_uniform, positive
 from dg_meta.networks import Conv4
 from dg_meta.registry import register_algorithm
 from dg_meta.samplers import Episode, stack_episodes
+from dg_meta.task_threads import TaskThreads, sum_in_order
+
+ENGINE_HPARAM = HParam(
+    "auto", choice(["auto"]), lambda v: v in ENGINES, "one of " + ", ".join(ENGINES),
+    "how the tasks of a meta-batch are computed (speed and rounding only, not the method): loop (one task after "
+    "another, the reference), threads (the loop on parallel CPU threads, dg_meta.task_threads), batched (all "
+    "tasks folded into one computation, dg_meta.batched_tasks), vmap (torch.func.vmap); auto = batched on CUDA, "
+    "threads on the CPU")
 
 
 @register_algorithm
@@ -39,8 +56,8 @@ class MAML(EpisodicAlgorithm):
     are the 5-way Omniglot ones: alpha 0.4, one inner step in training and three at test time, meta-batch 32
     (the paper's section 5.2; the official README's command github.com/cbfinn/maml ``--update_lr=0.4
     --num_updates=1 --meta_batch_size=32``), meta lr 1e-3 with Adam (``main.py``'s ``meta_lr`` default).
-    ``vmap`` adapts the whole meta-batch at once (``torch.func.vmap``; same meta-gradient as the per-task
-    loop, see ``dg_meta.functional``); the default is the per-task loop.
+    ``engine`` chooses how the meta-batch is computed (same meta-gradient: ``tests/test_batched_tasks.py``);
+    evaluation adapts to many test episodes at once through the same engine (``adapt_episodes``).
     """
 
     HPARAMS: ClassVar[dict[str, HParam]] = {
@@ -51,7 +68,7 @@ class MAML(EpisodicAlgorithm):
         "inner_steps_test": HParam(3, choice([3, 5, 10]), positive, "a positive integer",
                                    "inner SGD steps when adapting at evaluation"),
         "first_order": HParam(False, doc="FOMAML: no backpropagation through the inner gradients"),
-        "vmap": HParam(False, doc="adapt all tasks of a meta-batch at once with torch.func.vmap"),
+        "engine": ENGINE_HPARAM,
     }
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
@@ -79,38 +96,98 @@ class MAML(EpisodicAlgorithm):
     def outer_loss(self, logits: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(self.query_logits(logits), y)
 
+    def engine(self) -> str:
+        """The task engine this step uses (hparam ``engine`` resolved for the parameters' device)."""
+        return resolve_engine(self.hparams["engine"], next(self.parameters()).device)
+
+    def _cached(self, key: str, build: Callable[[], object]) -> object:
+        """Engine helpers built once (kept outside the module tree: not parameters, not in checkpoints)."""
+        cache = self.__dict__.setdefault("_engine_cache", {})
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
+    def folded_network(self) -> nn.Module:
+        return self._cached("folded", lambda: fold_network(self.network))
+
+    def task_threads(self) -> TaskThreads:
+        return self._cached("threads", lambda: TaskThreads(self.network))
+
     def update(self, episodes: list[Episode]) -> Losses:
         hp = self.hparams
         self.optimizer.zero_grad(set_to_none=True)
         common = {"steps": hp["inner_steps"], "lr": hp["inner_lr"], "first_order": hp["first_order"],
                   "outer_loss": self.outer_loss}
-        if hp["vmap"]:
+        engine, n = self.engine(), len(episodes)
+        if engine in ("batched", "vmap"):
             tasks = stack_episodes(episodes)
-            loss = vmap_query_losses(vmap_network(self.network), self.initial_params(episodes[0].n_way),
-                                     tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y, **common).mean()
+            if engine == "batched":
+                losses = batched_query_losses(self.folded_network(), self.initial_params(episodes[0].n_way),
+                                              tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y, **common)
+            else:
+                losses = vmap_query_losses(vmap_network(self.network), self.initial_params(episodes[0].n_way),
+                                           tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y, **common)
+            loss = losses.mean()
             loss.backward()
+        elif engine == "threads":
+            leaves = list(parameters_of(self.network).values())
+
+            def task_gradient(network: nn.Module, e: Episode) -> list[Tensor | None]:
+                task_loss = task_query_loss(network, self.initial_params(e.n_way), e.support_x, e.support_y,
+                                            e.query_x, e.query_y, **common) / n
+                return [task_loss.detach(), *torch.autograd.grad(task_loss, leaves, allow_unused=True)]
+
+            loss, *grads = sum_in_order(self.task_threads().map(task_gradient, episodes))
+            for p, g in zip(leaves, grads):
+                p.grad = g
         else:
-            total = 0.0
+            loss = 0.0
             for e in episodes:
                 task_loss = task_query_loss(self.network, self.initial_params(e.n_way), e.support_x, e.support_y,
-                                            e.query_x, e.query_y, **common) / len(episodes)
+                                            e.query_x, e.query_y, **common) / n
                 task_loss.backward()
-                total = total + task_loss.detach()
-            loss = total
+                loss = loss + task_loss.detach()
         self.optimizer.step()
         return {"loss": loss.detach()}
 
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
-        """``inner_steps_test`` SGD steps from theta on the support set (first order: nothing to backprop)."""
+    def adapted_params(self, network: nn.Module, support_x: Tensor, support_y: Tensor) -> Params:
+        """``inner_steps_test`` SGD steps from theta on one support set through ``network`` (detached)."""
         n_way = int(support_y.max()) + 1
         with torch.enable_grad():
             params = {k: v.detach().requires_grad_() for k, v in self.initial_params(n_way).items()}
-            fast = inner_loop(self.network, params, lambda out: F.cross_entropy(out, support_y), support_x,
+            fast = inner_loop(network, params, lambda out: F.cross_entropy(out, support_y), support_x,
                               self.hparams["inner_steps_test"], self.hparams["inner_lr"], create_graph=False)
-        fast = {k: v.detach() for k, v in fast.items()}
+        return {k: v.detach() for k, v in fast.items()}
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
+        """``inner_steps_test`` SGD steps from theta on the support set (first order: nothing to backprop)."""
+        fast = self.adapted_params(self.network, support_x, support_y)
 
         def predict_query(query_x: Tensor) -> Tensor:
             with torch.no_grad():
                 return self.query_logits(functional_forward(self.network, fast, query_x))
 
         return predict_query
+
+    def adapt_episodes(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
+        """``adapt`` for E stacked episodes at once through the task engine."""
+        engine = self.engine()
+        if engine == "batched":
+            n_way = int(support_y.max()) + 1
+            with torch.enable_grad():
+                theta = {k: v.detach().requires_grad_() for k, v in self.initial_params(n_way).items()}
+                fast = batched_inner_loop(self.folded_network(), stack_params(theta, len(support_x)),
+                                          F.cross_entropy, support_x, support_y, self.hparams["inner_steps_test"],
+                                          self.hparams["inner_lr"], create_graph=False)
+            return batched_predictor(self.folded_network(), fast, self.query_logits)
+        if engine == "threads":
+            fasts = self.task_threads().map(lambda network, s: self.adapted_params(network, *s),
+                                            list(zip(support_x, support_y)))
+
+            def predict_queries(query_x: Tensor) -> Tensor:
+                with torch.no_grad():
+                    return torch.stack([self.query_logits(functional_forward(self.network, fast, qx))
+                                        for fast, qx in zip(fasts, query_x)])
+
+            return predict_queries
+        return super().adapt_episodes(support_x, support_y)

@@ -43,6 +43,11 @@ class Algorithm(nn.Module):
     #: means ``--compile`` is refused: the algorithm differentiates through them twice (torch.compile has no
     #: double backward) or has not been checked under compilation
     compile_modules: ClassVar[tuple[str, ...]] = ()
+    #: how a run on several processes (``dg_meta.distributed``) computes what one process would: ``"exact"``
+    #: (a loss that is a mean of per-example, or per-task, terms: shards' gradients averaged), ``"gather"``
+    #: (terms coupling the examples of a minibatch computed on all of it through ``distributed.gather_rows``),
+    #: or None: refused with one line. Read from the class itself, never inherited: a subclass changes the loss
+    data_parallel: ClassVar[str | None] = None
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict):
         super().__init__()
@@ -79,9 +84,30 @@ class Algorithm(nn.Module):
 
         return predict_query
 
+    def adapt_episodes(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
+        """Predictors for E same-shape episodes at once: stacked supports ``[E, S, ...]`` / ``[E, S]`` -> a
+        function of the stacked queries ``[E, M, ...]`` giving logits ``[E, M, K]``. The default adapts to
+        each episode with ``adapt``; the MAML family overrides it with its task engine."""
+        predictors = [self.adapt(sx, sy) for sx, sy in zip(support_x, support_y)]
+
+        def predict_queries(query_x: Tensor) -> Tensor:
+            return torch.stack([predict(qx) for predict, qx in zip(predictors, query_x)])
+
+        return predict_queries
+
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Every optimizer held as an attribute, by attribute name (saved in checkpoints)."""
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.optim.Optimizer)}
+
+    def data_parallel_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers whose gradients are averaged over the processes before each step (default: every one
+        held); an algorithm whose outer step is not an optimizer step (Reptile) returns none and averages
+        itself."""
+        return self.optimizers()
+
+    def data_parallel_refusal(self) -> str | None:
+        """Why these hparams keep this (data-parallel) algorithm on one process, or None (the default)."""
+        return None
 
     def checkpoint_state(self) -> dict:
         return {"model": self.state_dict(),

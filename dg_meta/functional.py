@@ -132,42 +132,48 @@ def vmap_query_losses(network: nn.Module, params: Params, support_x: Tensor, sup
         params, support_x, support_y, query_x, query_y)
 
 
-def flat(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
-    """The tensors flattened and concatenated into one vector."""
-    return torch.cat([t.reshape(-1) for t in tensors])
+def flat(tensors: list[Tensor] | tuple[Tensor, ...], batch_dims: int = 0) -> Tensor:
+    """The tensors flattened and concatenated into one vector (``[..., P]``, keeping ``batch_dims`` leading
+    dimensions: one vector per task when the tensors are stacked over tasks)."""
+    return torch.cat([t.reshape(*t.shape[:batch_dims], -1) for t in tensors], dim=-1)
 
 
-def unflat(vector: Tensor, like: list[Tensor]) -> list[Tensor]:
-    """Split ``vector`` into tensors shaped like ``like`` (inverse of ``flat``)."""
+def unflat(vector: Tensor, like: list[Tensor], batch_dims: int = 0) -> list[Tensor]:
+    """Split ``vector`` into tensors shaped like ``like`` (inverse of ``flat`` with the same ``batch_dims``)."""
     out, start = [], 0
     for t in like:
-        out.append(vector[start:start + t.numel()].view_as(t))
-        start += t.numel()
+        size = t.shape[batch_dims:].numel()
+        out.append(vector[..., start:start + size].reshape(t.shape))
+        start += size
     return out
 
 
-def hessian_vector_product(grads: list[Tensor], params: list[Tensor], vector: Tensor) -> Tensor:
-    """``H v`` (flat) where ``grads`` = grad L(params) was computed with ``create_graph=True``."""
-    dot = sum((g * v).sum() for g, v in zip(grads, unflat(vector, params)))
-    return flat(torch.autograd.grad(dot, params, retain_graph=True))
+def hessian_vector_product(grads: list[Tensor], params: list[Tensor], vector: Tensor, batch_dims: int = 0) -> Tensor:
+    """``H v`` (flat) where ``grads`` = grad L(params) was computed with ``create_graph=True``; with
+    ``batch_dims=1`` the params are stacked over tasks whose losses were summed, and each task's row of
+    ``vector`` is multiplied by its own Hessian."""
+    dot = sum((g * v).sum() for g, v in zip(grads, unflat(vector, params, batch_dims)))
+    return flat(torch.autograd.grad(dot, params, retain_graph=True), batch_dims)
 
 
 def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, steps: int) -> Tensor:
     """Approximately solve ``A x = b`` for symmetric positive-definite ``A`` by ``steps`` iterations of
-    conjugate gradient from ``x = 0`` (exact after ``dim`` steps in exact arithmetic)."""
+    conjugate gradient from ``x = 0`` (exact after ``dim`` steps in exact arithmetic). ``b`` may be one vector
+    ``[P]`` or a batch ``[E, P]`` of independent systems (``matvec`` maps each row by its own ``A``); a system
+    whose residual reaches zero stops there."""
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
-    rr = r @ r
+    rr = (r * r).sum(-1, keepdim=True)
     for _ in range(steps):
-        if rr == 0:
+        if not rr.any():
             break
         ap = matvec(p)
-        alpha = rr / (p @ ap)
+        alpha = torch.where(rr > 0, rr / (p * ap).sum(-1, keepdim=True), 0.0)
         x = x + alpha * p
         r = r - alpha * ap
-        rr_new = r @ r
-        p = r + (rr_new / rr) * p
+        rr_new = (r * r).sum(-1, keepdim=True)
+        p = r + torch.where(rr > 0, rr_new / rr, 0.0) * p
         rr = rr_new
     return x
 

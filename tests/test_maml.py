@@ -50,7 +50,7 @@ def test_defaults_are_the_papers_omniglot_ones():
     hp = make().hparams
     assert (hp["inner_lr"], hp["inner_steps"], hp["inner_steps_test"], hp["lr"], hp["meta_batch_size"]) == \
         (0.4, 1, 3, 1e-3, 32)
-    assert hp["first_order"] is False and hp["vmap"] is False
+    assert hp["first_order"] is False and hp["engine"] == "auto"
     space = declared_hparams(registry.get_algorithm("MAML"))
     assert drawn(space["meta_batch_size"]) == {4, 8, 16, 32}
     assert bounds(space["inner_lr"]) == pytest.approx((0.01, 1.0), rel=1e-12)
@@ -103,7 +103,7 @@ def test_two_updates_are_adam_steps_on_the_mean_second_order_meta_gradient():
 def test_vmap_path_takes_a_meta_batch_of_one_task():
     e = episode(torch.Generator().manual_seed(9), dtype=torch.float64, shape=(1, 16, 16))
     loop = meta_grads(make(shape=(1, 16, 16), first_order=True).double(), [e])
-    assert max_diff(loop, meta_grads(make(shape=(1, 16, 16), first_order=True, vmap=True).double(), [e])) < 1e-10
+    assert max_diff(loop, meta_grads(make(shape=(1, 16, 16), first_order=True, engine="vmap").double(), [e])) < 1e-10
 
 
 def test_second_order_meta_gradient_equals_higher():
@@ -128,7 +128,7 @@ def test_vmap_path_equals_loop_on_conv4(first_order):
     g = torch.Generator().manual_seed(2)
     episodes = [episode(g, dtype=torch.float64) for _ in range(2)]
     loop = meta_grads(make(inner_steps=2, first_order=first_order).double(), episodes)
-    vmapped = meta_grads(make(inner_steps=2, first_order=first_order, vmap=True).double(), episodes)
+    vmapped = meta_grads(make(inner_steps=2, first_order=first_order, engine="vmap").double(), episodes)
     assert max_diff(loop, vmapped) < 1e-5
 
 
@@ -136,7 +136,7 @@ def test_vmap_path_equals_loop_in_float32_up_to_rounding():
     """In float32 the two batch-norm formulations round differently: ~3e-5 on gradients of size ~5."""
     g = torch.Generator().manual_seed(2)
     episodes = [episode(g) for _ in range(3)]
-    assert max_diff(meta_grads(make(), episodes), meta_grads(make(vmap=True), episodes)) < 2e-4
+    assert max_diff(meta_grads(make(), episodes), meta_grads(make(engine="vmap"), episodes)) < 2e-4
 
 
 def test_vmap_network_keeps_parameter_names_and_refuses_other_norms():
