@@ -21,6 +21,7 @@ from dg_meta.batched_tasks import (
 )
 from dg_meta.errors import UsageError
 from dg_meta.functional import (
+    InnerLR,
     Params,
     functional_forward,
     inner_loop,
@@ -70,6 +71,7 @@ class MAML(EpisodicAlgorithm):
         "first_order": HParam(False, doc="FOMAML: no backpropagation through the inner gradients"),
         "engine": ENGINE_HPARAM,
     }
+    data_parallel = "exact"  # the mean over tasks of query losses (first or second order); batch norm per task
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
         super().__init__(input_shape, num_classes, num_domains, hparams)
@@ -88,6 +90,15 @@ class MAML(EpisodicAlgorithm):
             raise UsageError(f"{type(self).__name__}'s head has n_way={self.classifier.out_features} outputs but "
                              f"the episode has {n_way} classes: set --fs-way to n_way or hparam n_way to {n_way}")
         return parameters_of(self.network)
+
+    def inner_lrs(self) -> InnerLR:
+        """The inner loop's step size: one number, or one per adapted parameter name (ANIL and BOIL adapt a
+        subset, Meta-SGD learns a rate per weight)."""
+        return self.hparams["inner_lr"]
+
+    def _test_lrs(self) -> InnerLR:
+        lrs = self.inner_lrs()
+        return {k: v.detach() if isinstance(v, Tensor) else v for k, v in lrs.items()} if isinstance(lrs, dict) else lrs
 
     def query_logits(self, logits: Tensor) -> Tensor:
         """The network's outputs on query examples as the outer loss and predictions see them."""
@@ -116,7 +127,7 @@ class MAML(EpisodicAlgorithm):
     def update(self, episodes: list[Episode]) -> Losses:
         hp = self.hparams
         self.optimizer.zero_grad(set_to_none=True)
-        common = {"steps": hp["inner_steps"], "lr": hp["inner_lr"], "first_order": hp["first_order"],
+        common = {"steps": hp["inner_steps"], "lr": self.inner_lrs(), "first_order": hp["first_order"],
                   "outer_loss": self.outer_loss}
         engine, n = self.engine(), len(episodes)
         if engine in ("batched", "vmap"):
@@ -130,7 +141,7 @@ class MAML(EpisodicAlgorithm):
             loss = losses.mean()
             loss.backward()
         elif engine == "threads":
-            leaves = list(parameters_of(self.network).values())
+            leaves = [p for p in self.parameters() if p.requires_grad]
 
             def task_gradient(network: nn.Module, e: Episode) -> list[Tensor | None]:
                 task_loss = task_query_loss(network, self.initial_params(e.n_way), e.support_x, e.support_y,
@@ -156,7 +167,7 @@ class MAML(EpisodicAlgorithm):
         with torch.enable_grad():
             params = {k: v.detach().requires_grad_() for k, v in self.initial_params(n_way).items()}
             fast = inner_loop(network, params, lambda out: F.cross_entropy(out, support_y), support_x,
-                              self.hparams["inner_steps_test"], self.hparams["inner_lr"], create_graph=False)
+                              self.hparams["inner_steps_test"], self._test_lrs(), create_graph=False)
         return {k: v.detach() for k, v in fast.items()}
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
@@ -178,7 +189,7 @@ class MAML(EpisodicAlgorithm):
                 theta = {k: v.detach().requires_grad_() for k, v in self.initial_params(n_way).items()}
                 fast = batched_inner_loop(self.folded_network(), stack_params(theta, len(support_x)),
                                           F.cross_entropy, support_x, support_y, self.hparams["inner_steps_test"],
-                                          self.hparams["inner_lr"], create_graph=False)
+                                          self._test_lrs(), create_graph=False)
             return batched_predictor(self.folded_network(), fast, self.query_logits)
         if engine == "threads":
             fasts = self.task_threads().map(lambda network, s: self.adapted_params(network, *s),

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dg_meta.errors import UsageError
-from dg_meta.functional import LossFn, Params, sgd_step
+from dg_meta.functional import InnerLR, LossFn, Params, sgd_step
 
 #: the task engines of the MAML family; "auto" is "batched" on CUDA and "threads" on the CPU
 ENGINES = ("auto", "loop", "threads", "batched", "vmap")
@@ -148,7 +148,7 @@ def task_losses(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def batched_inner_loop(folded: nn.Module, params: Params, loss_fn: LossFn, x: Tensor, y: Tensor, steps: int,
-                       lr: float, create_graph: bool) -> Params:
+                       lr: InnerLR, create_graph: bool) -> Params:
     """``steps`` SGD steps of every task on its own ``loss_fn(outputs, y)`` from stacked ``params``."""
     for _ in range(steps):
         params = sgd_step(params, task_losses(loss_fn, batched_forward(folded, params, x), y).sum(), lr,
@@ -157,7 +157,7 @@ def batched_inner_loop(folded: nn.Module, params: Params, loss_fn: LossFn, x: Te
 
 
 def batched_query_losses(folded: nn.Module, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                         query_y: Tensor, steps: int, lr: float, first_order: bool,
+                         query_y: Tensor, steps: int, lr: InnerLR, first_order: bool,
                          inner_loss: LossFn = F.cross_entropy, outer_loss: LossFn = F.cross_entropy) -> Tensor:
     """``functional.task_query_loss`` for E stacked tasks at once: ``[E]`` query losses after ``steps`` inner
     SGD steps from the shared ``params`` (differentiable to them; second order unless ``first_order``)."""

@@ -41,16 +41,22 @@ def functional_forward(module: nn.Module, params: Params, *args: Tensor) -> Tens
     return torch.func.functional_call(module, params, args)
 
 
-def sgd_step(params: Params, loss: Tensor, lr: float, create_graph: bool) -> Params:
-    """``theta - lr * grad(loss, theta)``; differentiable through the gradient iff ``create_graph``."""
-    names = list(params)
-    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph,
-                                allow_unused=True)
-    return {n: params[n] if g is None else params[n] - lr * g for n, g in zip(names, grads)}
+InnerLR = float | dict[str, float | Tensor]
+
+
+def sgd_step(params: Params, loss: Tensor, lr: InnerLR, create_graph: bool) -> Params:
+    """``theta - lr * grad(loss, theta)``; differentiable through the gradient iff ``create_graph``. ``lr`` is one
+    step size, or a step size (a number or a tensor broadcast against the parameter, e.g. Meta-SGD's learned
+    rates) per parameter name: parameters it does not name keep their value (ANIL, BOIL adapt a subset)."""
+    names = list(params) if not isinstance(lr, dict) else [n for n in params if n in lr]
+    rates = dict.fromkeys(names, lr) if not isinstance(lr, dict) else lr
+    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph, allow_unused=True)
+    stepped = {n: params[n] - rates[n] * g for n, g in zip(names, grads) if g is not None}
+    return {n: stepped.get(n, p) for n, p in params.items()}
 
 
 def inner_loop(module: nn.Module, params: Params, loss_fn: Callable[[Tensor], Tensor], x: Tensor,
-               steps: int, lr: float, create_graph: bool) -> Params:
+               steps: int, lr: InnerLR, create_graph: bool) -> Params:
     """``steps`` SGD steps on ``loss_fn(module(x; params))`` starting from ``params``."""
     for _ in range(steps):
         params = sgd_step(params, loss_fn(functional_forward(module, params, x)), lr, create_graph)
@@ -58,7 +64,7 @@ def inner_loop(module: nn.Module, params: Params, loss_fn: Callable[[Tensor], Te
 
 
 def task_query_loss(module: nn.Module, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                    query_y: Tensor, steps: int, lr: float, first_order: bool,
+                    query_y: Tensor, steps: int, lr: InnerLR, first_order: bool,
                     inner_loss: LossFn = F.cross_entropy, outer_loss: LossFn = F.cross_entropy) -> Tensor:
     """One task of MAML: ``steps`` SGD steps on ``inner_loss`` of the support set from ``params``, then
     ``outer_loss`` of the query set at the adapted parameters (second order unless ``first_order``)."""

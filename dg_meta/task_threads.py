@@ -7,10 +7,11 @@ intra-op thread (PyTorch releases the GIL inside its kernels and the autograd en
 copy of the network, because ``torch.func.functional_call`` swaps a module's parameters while it runs; the
 copies' own parameters are never read, the caller passes the real ones.
 
-Results come back in task order, so the caller reduces them in the loop's order: the gradients equal the loop's
-bit for bit when the loop also runs on one intra-op thread, and to rounding otherwise (a kernel's reductions may
-split differently over threads: measured 7e-7 on float32 Conv-4 meta-gradients). The per-task function must not draw random numbers (the order of draws across threads is not
-fixed) and the network must hold no buffers (each copy would have its own).
+Results come back in task order, so the caller reduces them in the loop's order: the gradients equal the loop's bit
+for bit when the loop also runs on one intra-op thread, and to rounding otherwise (a kernel's reductions may split
+differently over threads: measured 7e-7 on float32 Conv-4 meta-gradients). The per-task function must not draw
+random numbers (the order of draws across threads is not fixed) and the network must hold no buffers (each copy
+would have its own).
 """
 
 from __future__ import annotations
