@@ -16,6 +16,7 @@ from dg_meta.hparams import HParam, choice, log_uniform, positive, unit_interval
 from dg_meta.init_from import load_matching, read_run_model, run_folder
 from dg_meta.registry import register_algorithm
 from dg_meta.samplers import Cell, Episode
+from dg_meta.support_heads import fit_logistic_regression
 
 #: examples per class the logistic-regression teacher is fitted on (``randperm(...)[:50]`` in ``base.py``)
 LOGREG_PER_CLASS = 50
@@ -91,6 +92,14 @@ class LastShot(ProtoNet):
         self.optimizer.add_param_group({"params": list(self.calibration.parameters())})
         self.classes: dict[int, list[Cell]] = {}
         self.class_features: dict[int, Tensor] = {}
+
+    data_parallel = "exact"  # ProtoNet's mean over episodes; the frozen teacher and its class centres per episode
+
+    def data_parallel_refusal(self) -> str | None:
+        if self.hparams["teacher"] == "logreg":
+            return ("its logistic-regression teacher samples repository embeddings from the global RNG task "
+                    "after task, so a process cannot draw its tasks' samples alone; use teacher ncm")
+        return None
 
     def _load_teacher(self, run_dir: str) -> tuple[nn.Module, dict[str, Tensor]]:
         """The featurizer of the run in ``run_dir``, rebuilt in that run's architecture, frozen and in eval
@@ -178,27 +187,3 @@ class LastShot(ProtoNet):
         logits = self.episode_logits(support_z, episode.support_y, query_z, episode.n_way)
         return self.distillation_loss(logits, self.teacher_logits(episode), episode.query_y)
 
-
-def fit_logistic_regression(x: Tensor, y: Tensor, c: float) -> tuple[Tensor, Tensor]:
-    """Multinomial logistic regression as sklearn's ``LogisticRegression(C=c)`` fits it: minimise
-    ``c * sum_i CE(W x_i + b, y_i) + ||W||^2 / 2`` (intercept unpenalised), by L-BFGS in float64 (divided by
-    ``c n``, the same minimiser; strong-Wolfe line search, at most 500 iterations, stopping at a gradient of
-    1e-9 or a change of 1e-12: our settings, which reach an objective no higher than sklearn's; the official
-    ``_kd_forward_lr`` runs sklearn's lbfgs with ``max_iter=10000`` at its default ``tol=1e-4``). Returns ``W``
-    (classes x features) and ``b``."""
-    x = x.double()
-    n_classes = int(y.max()) + 1
-    weight = torch.zeros(n_classes, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
-    bias = torch.zeros(n_classes, dtype=x.dtype, device=x.device, requires_grad=True)
-    solver = torch.optim.LBFGS([weight, bias], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
-                               line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        solver.zero_grad()
-        loss = F.cross_entropy(x @ weight.t() + bias, y, reduction="mean") + weight.pow(2).sum() / (2 * c * len(x))
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        solver.step(closure)
-    return weight.detach(), bias.detach()

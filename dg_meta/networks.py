@@ -137,19 +137,23 @@ FEATURIZERS = ("domainbed", *PAPER_FEATURIZERS)
 class Conv4(nn.Module):
     """The few-shot Conv-4 backbone (Vinyals et al. 2016; Finn et al. 2017): four blocks of conv3x3-64,
     BatchNorm, ReLU, 2x2 max-pool, flattened. ``track_running_stats=False`` gives MAML's transductive
-    batch statistics (no running averages)."""
+    batch statistics (no running averages). Only the first ``pool_blocks`` blocks end in the max-pool
+    (default all four; Relation Networks' embedding keeps feature maps with two)."""
 
-    def __init__(self, input_shape: tuple[int, ...], hidden: int = 64, track_running_stats: bool = True):
+    def __init__(self, input_shape: tuple[int, ...], hidden: int = 64, track_running_stats: bool = True,
+                 pool_blocks: int = 4):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = input_shape[0]
-        for _ in range(4):
+        for block in range(4):
             layers += [nn.Conv2d(c_in, hidden, 3, padding=1),
-                       nn.BatchNorm2d(hidden, track_running_stats=track_running_stats), nn.ReLU(), nn.MaxPool2d(2)]
+                       nn.BatchNorm2d(hidden, track_running_stats=track_running_stats), nn.ReLU()]
+            if block < pool_blocks:
+                layers.append(nn.MaxPool2d(2))
             c_in = hidden
         self.body = nn.Sequential(*layers)
         h, w = input_shape[1:]
-        for _ in range(4):
+        for _ in range(pool_blocks):
             h, w = h // 2, w // 2
         self.n_outputs = hidden * max(h, 1) * max(w, 1)
 
