@@ -10,7 +10,7 @@ from dg_meta.algorithms.erm import ERM
 from torch import Tensor
 
 from dg_meta.algorithm import Losses
-from dg_meta.feature_alignment import Distance, coral_distance, mean_over_pairs
+from dg_meta.feature_alignment import Distance, coral_distance, pairwise_penalty
 from dg_meta.hparams import HParam, log_uniform, non_negative
 from dg_meta.registry import register_algorithm
 
@@ -46,12 +46,16 @@ class CORAL(ERM):
                             "weight of the feature-alignment penalty"),
     }
     compile_modules = ("featurizer", "classifier")  # update calls them one by one, not ``network``
+    #: per-domain mean cross-entropies (exact on equal shards) and a penalty on every domain's whole minibatch,
+    #: its features gathered from all processes (``feature_alignment.pairwise_penalty``)
+    data_parallel = "gather"
     #: the distance between two domains' features that the penalty averages
     distance: ClassVar[Distance] = staticmethod(coral_distance)
 
     def alignment_penalty(self, features: list[Tensor]) -> Tensor:
-        """The mean of ``distance`` over the unordered pairs of training domains' features."""
-        return mean_over_pairs(features, self.distance)
+        """The mean of ``distance`` over the unordered pairs of training domains' features (each domain's whole
+        minibatch on several processes)."""
+        return pairwise_penalty(features, self.distance)
 
     def update(self, batch: list[tuple[Tensor, Tensor]]) -> Losses:
         features = [self.featurizer(x) for x, _ in batch]

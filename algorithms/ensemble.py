@@ -95,6 +95,7 @@ class Ensemble(Algorithm):
                                 "weight of the domain-classification loss"),
         "nonlinear_classifier": HParam(False, None, doc="must stay false: the per-domain heads are linear"),
     }
+    data_parallel = "exact"  # per-example class and domain losses, averaged over the pooled minibatch
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
         super().__init__(input_shape, num_classes, num_domains, hparams)

@@ -21,6 +21,7 @@ class ERM(Algorithm):
     """
 
     compile_modules = ("network",)
+    data_parallel = "exact"  # the pooled minibatch's mean cross-entropy: equal shards' means, averaged
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
         super().__init__(input_shape, num_classes, num_domains, hparams)

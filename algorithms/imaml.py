@@ -112,6 +112,7 @@ class iMAML(EpisodicAlgorithm):  # noqa: N801 (the method's name)
         "cg_steps": HParam(5, choice([3, 5, 10]), positive, "a positive integer", "conjugate-gradient iterations"),
         "engine": ENGINE_HPARAM,
     }
+    data_parallel = "exact"  # the mean over tasks of implicit meta-gradients, set as .grad before one Adam step
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
         super().__init__(input_shape, num_classes, num_domains, hparams)

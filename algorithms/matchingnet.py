@@ -111,6 +111,8 @@ class MatchingNet(EpisodicAlgorithm):
             query_z = self.fce.query(query_z, support_z)
         return matching_logits(query_z, support_z, support_y, n_way)
 
+    data_parallel = "exact"  # the mean over episodes of query losses; FCE and batch norm within one episode
+
     def update(self, batch: list[Episode]) -> Losses:
         losses = []
         for episode in batch:

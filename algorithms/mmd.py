@@ -31,3 +31,4 @@ class MMD(CORAL):
     """
 
     distance = staticmethod(gaussian_mmd)
+    data_parallel = "gather"  # CORAL's update: the kernels see every domain's whole minibatch

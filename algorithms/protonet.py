@@ -36,6 +36,7 @@ class ProtoNet(EpisodicAlgorithm):
         "meta_batch_size": HParam(1, None, positive, "a positive integer", "episodes per step"),
         "backbone": BACKBONE_HPARAM,
     }
+    data_parallel = "exact"  # the mean over episodes of query losses; batch norm within one episode
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
         super().__init__(input_shape, num_classes, num_domains, hparams)

@@ -8,15 +8,19 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from dg_meta.algorithms.maml import ENGINE_HPARAM
 from torch import Tensor, nn
 
+from dg_meta import distributed
 from dg_meta.algorithm import EpisodicAlgorithm, Losses
+from dg_meta.batched_tasks import batched_forward, fold_network, resolve_engine, stack_params, task_losses
 from dg_meta.errors import UsageError
-from dg_meta.functional import interpolate_
+from dg_meta.functional import interpolate_, parameters_of, sgd_step
 from dg_meta.hparams import HParam, choice, int_uniform, log_uniform, non_negative, positive
 from dg_meta.networks import Conv4
 from dg_meta.registry import register_algorithm
 from dg_meta.samplers import Episode
+from dg_meta.task_threads import TaskThreads
 
 INNER_OPTIMIZERS = ("adam", "sgd")
 
@@ -50,6 +54,12 @@ class Reptile(EpisodicAlgorithm):
     (``Reptile.train_step`` restores only the model variables; ``Reptile.evaluate`` restores every variable
     afterwards), the inner Adam's moments persist across tasks, and test-time adaptation starts from them
     and leaves them untouched. Conv4 with transductive batch norm (``track_running_stats=False``).
+
+    ``engine`` (as MAML's): with the inner SGD the batched engine trains every task of a meta-batch at once
+    (``dg_meta.batched_tasks``); the inner Adam's moments pass from task to task, so Adam meta-training stays a
+    loop. Test-time adaptation leaves the moments untouched, so every engine but ``loop`` adapts to many test
+    episodes at once (threads: one copy per episode on parallel threads; batched with SGD: one folded computation).
+    The minibatches are drawn in the main thread in the loop's order: every engine trains on the same batches.
     """
 
     HPARAMS: ClassVar[dict[str, HParam]] = {
@@ -69,7 +79,12 @@ class Reptile(EpisodicAlgorithm):
         "outer_lr_final": HParam(0.0, choice([0.0]), non_negative, "non-negative", "final outer step size"),
         "anneal_steps": HParam(100000, choice([100000]), positive, "a positive integer",
                                "meta-steps over which eps is annealed linearly"),
+        "engine": ENGINE_HPARAM,
     }
+
+    #: the mean of the tasks' adapted weights, averaged over the processes before the interpolation (there is no
+    #: outer optimizer step to hook); every process draws the minibatch indices of the whole meta-batch
+    data_parallel = "exact"
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
         super().__init__(input_shape, num_classes, num_domains, hparams)
@@ -91,55 +106,130 @@ class Reptile(EpisodicAlgorithm):
         done = min(float(self.meta_step) / hp["anneal_steps"], 1.0)
         return (1 - done) * hp["outer_lr"] + done * hp["outer_lr_final"]
 
+    def data_parallel_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {}  # the inner optimizer trains one task on one process; the outer step is averaged in update
+
+    def data_parallel_refusal(self) -> str | None:
+        if self.hparams["inner_optimizer"] == "adam":
+            return ("its inner Adam carries its moments from one task to the next (as the official code does), so "
+                    "the tasks of a meta-batch cannot run on separate processes; set hparam inner_optimizer to sgd")
+        return None
+
     def _check_way(self, n_way: int) -> None:
         if n_way != self.classifier.out_features:
             raise UsageError(f"Reptile's head has n_way={self.classifier.out_features} outputs but the episode "
                              f"has {n_way} classes: set --fs-way to n_way or hparam n_way to {n_way}")
 
+    def engine(self) -> str:
+        return resolve_engine(self.hparams["engine"], next(self.parameters()).device)
+
+    def _cached(self, key: str, build: Callable[[], object]) -> object:
+        cache = self.__dict__.setdefault("_engine_cache", {})
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
     @staticmethod
-    def _train(module: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, steps: int,
-               batch_size: int) -> Tensor:
-        """Minibatch training of ``module`` in place; returns the last minibatch loss (detached)."""
+    def _train(module: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+               batches: list[Tensor]) -> Tensor:
+        """Minibatch training of ``module`` in place on ``batches`` (indices); returns the last loss (detached)."""
         loss = torch.zeros(())
-        for idx in minibatch_indices(len(x), batch_size, steps):
+        for idx in batches:
             loss = F.cross_entropy(module(x[idx]), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         return loss.detach()
 
+    def _train_batched(self, theta: dict[str, Tensor], x: Tensor, y: Tensor, batches: list[list[Tensor]]
+                       ) -> tuple[dict[str, Tensor], Tensor]:
+        """Plain SGD of E stacked tasks at once (``x`` ``[E, n, ...]``, ``batches[e][s]`` task e's step-s indices);
+        returns the final stacked weights and the tasks' last minibatch losses ``[E]``."""
+        folded = self._cached("folded", lambda: fold_network(self.network))
+        fast = {k: v.detach().requires_grad_() for k, v in stack_params(theta, len(x)).items()}
+        rows = torch.arange(len(x), device=x.device).unsqueeze(1)
+        losses = torch.zeros(len(x), device=x.device)
+        with torch.enable_grad():
+            for step in range(len(batches[0])):
+                idx = torch.stack([task_batches[step] for task_batches in batches]).to(x.device)
+                losses = task_losses(F.cross_entropy, batched_forward(folded, fast, x[rows, idx]), y[rows, idx])
+                fast = {k: v.detach().requires_grad_()
+                        for k, v in sgd_step(fast, losses.sum(), self.hparams["lr"], create_graph=False).items()}
+        return {k: v.detach() for k, v in fast.items()}, losses.detach()
+
     def update(self, episodes: list[Episode]) -> Losses:
         hp = self.hparams
         self._check_way(episodes[0].n_way)
-        theta = [p.detach().clone() for p in self.network.parameters()]
-        mean_phi = [torch.zeros_like(t) for t in theta]
-        loss = 0.0
-        for e in episodes:
-            with torch.no_grad():
-                for p, t in zip(self.fast.parameters(), theta):
-                    p.copy_(t)
-            x, y = torch.cat([e.support_x, e.query_x]), torch.cat([e.support_y, e.query_y])
-            loss = loss + self._train(self.fast, self.inner_optimizer, x, y, hp["inner_steps"],
-                                      hp["inner_batch_size"]) / len(episodes)
-            for m, p in zip(mean_phi, self.fast.parameters()):
-                m += p.detach() / len(episodes)
+        data = [(torch.cat([e.support_x, e.query_x]), torch.cat([e.support_y, e.query_y])) for e in episodes]
+        n_total = len(data) * distributed.world_size()  # every process draws the whole meta-batch's minibatches
+        batches = [minibatch_indices(len(data[0][0]), hp["inner_batch_size"], hp["inner_steps"])
+                   for _ in range(n_total)][distributed.shard(n_total, "hparam meta_batch_size")]
+        if self.engine() == "batched" and hp["inner_optimizer"] == "sgd":
+            fast, losses = self._train_batched(parameters_of(self.network), torch.stack([x for x, _ in data]),
+                                               torch.stack([y for _, y in data]), batches)
+            mean_phi, loss = [v.mean(0) for v in fast.values()], losses.mean()
+        else:
+            theta = [p.detach().clone() for p in self.network.parameters()]
+            mean_phi = [torch.zeros_like(t) for t in theta]
+            loss = 0.0
+            for (x, y), task_batches in zip(data, batches):
+                with torch.no_grad():
+                    for p, t in zip(self.fast.parameters(), theta):
+                        p.copy_(t)
+                loss = loss + self._train(self.fast, self.inner_optimizer, x, y, task_batches) / len(episodes)
+                for m, p in zip(mean_phi, self.fast.parameters()):
+                    m += p.detach() / len(episodes)
+        distributed.mean_(mean_phi)
         eps = self.outer_step_size()
         interpolate_(self.network.parameters(), mean_phi, eps)
         self.meta_step += 1
         return {"loss": loss}
 
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
-        """``inner_steps_test`` steps on the support set from theta, with a copy of the inner optimizer."""
-        self._check_way(int(support_y.max()) + 1)
+    def _adapted_model(self, support_x: Tensor, support_y: Tensor, batches: list[Tensor]) -> nn.Module:
+        """A copy of the network trained on the support set with a copy of the inner optimizer."""
         model = copy.deepcopy(self.network)
         optimizer = self._inner_optimizer(model)
         optimizer.load_state_dict(copy.deepcopy(self.inner_optimizer.state_dict()))
         with torch.enable_grad():
-            self._train(model, optimizer, support_x, support_y, self.hparams["inner_steps_test"],
-                        self.hparams["inner_batch_size_test"])
+            self._train(model, optimizer, support_x, support_y, batches)
+        return model
+
+    def _test_batches(self, n: int) -> list[Tensor]:
+        return minibatch_indices(n, self.hparams["inner_batch_size_test"], self.hparams["inner_steps_test"])
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
+        """``inner_steps_test`` steps on the support set from theta, with a copy of the inner optimizer."""
+        self._check_way(int(support_y.max()) + 1)
+        model = self._adapted_model(support_x, support_y, self._test_batches(len(support_x)))
 
         def predict_query(query_x: Tensor) -> Tensor:
             with torch.no_grad():
                 return model(query_x)
 
         return predict_query
+
+    def adapt_episodes(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
+        """``adapt`` for E stacked episodes at once (see the class docstring); same minibatches as one by one."""
+        engine = self.engine()
+        if engine == "loop":
+            return super().adapt_episodes(support_x, support_y)
+        self._check_way(int(support_y.max()) + 1)
+        batches = [self._test_batches(support_x.shape[1]) for _ in range(len(support_x))]
+        if engine == "batched" and self.hparams["inner_optimizer"] == "sgd":
+            fast, _ = self._train_batched(parameters_of(self.network), support_x, support_y, batches)
+            folded = self._cached("folded", lambda: fold_network(self.network))
+
+            def predict_batched(query_x: Tensor) -> Tensor:
+                with torch.no_grad():
+                    return batched_forward(folded, fast, query_x)
+
+            return predict_batched
+        threads = self._cached("threads", lambda: TaskThreads(self.network))
+        models = threads.map(lambda _copy, i: self._adapted_model(support_x[i], support_y[i], batches[i]),
+                             list(range(len(support_x))))
+
+        def predict_queries(query_x: Tensor) -> Tensor:
+            with torch.no_grad():
+                return torch.stack([model(qx) for model, qx in zip(models, query_x)])
+
+        return predict_queries

@@ -36,6 +36,8 @@ class SD(ERM):
                          "weight of the mean squared logit"),
     }
 
+    data_parallel = "exact"  # mean cross-entropy and mean squared logit over the pooled minibatch
+
     def update(self, batch: list[tuple[Tensor, Tensor]]) -> Losses:
         x = torch.cat([x for x, _ in batch])
         y = torch.cat([y for _, y in batch])

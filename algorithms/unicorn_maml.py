@@ -41,6 +41,8 @@ class UnicornMAML(MAML):
         "inner_lr": HParam(0.1, choice([0.05, 0.1, 0.2]), positive, "positive", "inner-loop SGD step size"),
     }
 
+    data_parallel = "exact"  # MAML's per-task losses: the shared row is duplicated inside each task
+
     def build_head(self, n_features: int, n_way: int) -> nn.Module:
         return nn.Linear(n_features, 1)
 

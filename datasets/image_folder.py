@@ -242,9 +242,16 @@ class ImageFolderDomain(Domain):
             self._train_view = ImageFolderDomain(name, labels, pipeline, domain_id, augment=True)
 
     def fetch(self, idx: Tensor) -> Tensor:
+        return self.fetch_part(idx, slice(None))
+
+    def fetch_part(self, idx: Tensor, part: slice) -> Tensor:
+        """The images of ``idx[part]``; the augmentation seeds are drawn for all of ``idx`` (one per image, from
+        the global RNG), so a process fetching its share of a minibatch augments it as a single process would."""
         index = idx.cpu().tolist()
         seeds = torch.randint(0, 2 ** 62, (len(index),)).tolist() if self.augment else [-1] * len(index)
-        keys = [(self.domain_id, i, s) for i, s in zip(index, seeds)]
+        keys = [(self.domain_id, i, s) for i, s in zip(index, seeds)][part]
+        if not keys:
+            return torch.empty(0, device=self.device)
         chunks = self.pipeline.load(keys, pin_memory=self.device.type == "cuda")
         return torch.cat([c.to(self.device, non_blocking=True) for c in chunks])
 

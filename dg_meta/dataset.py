@@ -36,6 +36,17 @@ class Domain:
     def batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         return self.fetch(idx), self.labels[idx].to(self.device, non_blocking=True)
 
+    def fetch_part(self, idx: Tensor, part: slice) -> Tensor:
+        """The inputs at ``idx[part]``, with the random draws of a fetch of all of ``idx`` (one process's share
+        of a minibatch on several processes: the RNG moves on as in a single process). Default: ``fetch``, for
+        domains whose fetch draws nothing."""
+        own = idx[part]
+        return self.fetch(own) if len(own) else torch.empty(0, device=self.device)
+
+    def batch_part(self, idx: Tensor, part: slice) -> tuple[Tensor, Tensor]:
+        """``batch(idx)`` restricted to ``idx[part]``, with the random draws of all of ``idx`` (``fetch_part``)."""
+        return self.fetch_part(idx, part), self.labels[idx[part]].to(self.device, non_blocking=True)
+
     def for_training(self) -> Domain:
         """The domain as training samplers draw from it: with training-time augmentation where the dataset
         has one (image folders), else the domain itself. Evaluation always uses the domain itself."""
@@ -62,6 +73,9 @@ class TensorDomain(Domain):
     def batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         idx = idx.to(self.x.device, non_blocking=True)  # no host-device sync per training step
         return self.x[idx], self._labels_dev[idx]
+
+    def batch_part(self, idx: Tensor, part: slice) -> tuple[Tensor, Tensor]:
+        return self.batch(idx[part])  # indexing draws nothing
 
     def to(self, device: torch.device | str) -> TensorDomain:
         super().to(device)

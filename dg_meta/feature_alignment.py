@@ -8,6 +8,8 @@
   ``sum_g exp(-g ||x - y||^2)``, ``g`` in ``DOMAINBED_GAMMAS`` (``AbstractMMD.gaussian_kernel``), computed by
   ``dg_meta.kernels.mmd2`` with the bandwidths ``sigma = 1 / sqrt(2 g)``.
 - ``mean_over_pairs`` (from ``dg_meta.kernels``): a distance's mean over all pairs of domains.
+- ``pairwise_penalty``: that mean over each domain's whole minibatch, its features gathered from every process
+  of a run on several processes (``dg_meta.distributed.gather_rows``), so the penalty is the single-process one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
+from dg_meta.distributed import gather_rows
 from dg_meta.kernels import mean_over_pairs, mmd2
 
 DOMAINBED_GAMMAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
@@ -38,4 +41,10 @@ def gaussian_mmd(x: Tensor, y: Tensor, gammas: Sequence[float] = DOMAINBED_GAMMA
     return mmd2(x, y, [1.0 / math.sqrt(2.0 * g) for g in gammas])
 
 
-__all__ = ["DOMAINBED_GAMMAS", "Distance", "coral_distance", "gaussian_mmd", "mean_over_pairs"]
+def pairwise_penalty(features: list[Tensor], distance: Distance) -> Tensor:
+    """``mean_over_pairs`` of ``distance`` over the domains' features, each domain's gathered from all processes
+    (``features`` unchanged on one process)."""
+    return mean_over_pairs([gather_rows(z) for z in features], distance)
+
+
+__all__ = ["DOMAINBED_GAMMAS", "Distance", "coral_distance", "gaussian_mmd", "mean_over_pairs", "pairwise_penalty"]

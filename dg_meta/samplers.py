@@ -18,6 +18,7 @@ the batches an uninterrupted run would.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +42,14 @@ class _Seeded:
 
 
 class DomainBatchSampler(_Seeded):
-    """Yields ``[(x_d, y_d) for each domain]`` forever; each minibatch has distinct examples."""
+    """Yields ``[(x_d, y_d) for each domain]`` forever; each minibatch has distinct examples.
 
-    def __init__(self, domains: list[Domain], indices: list[Tensor], batch_size: int, seed: int):
+    ``part`` (a function of a minibatch's size, ``dg_meta.distributed.shard`` on several processes) keeps one
+    contiguous slice of every domain's minibatch: each process draws the same minibatches and fetches only its
+    share, so the shares of all processes are the single-process minibatch."""
+
+    def __init__(self, domains: list[Domain], indices: list[Tensor], batch_size: int, seed: int,
+                 part: Callable[[int], slice] | None = None):
         super().__init__(seed)
         for domain, idx in zip(domains, indices):
             if len(idx) == 0:
@@ -51,6 +57,11 @@ class DomainBatchSampler(_Seeded):
         self.domains = domains
         self.indices = indices
         self.batch_size = batch_size
+        self.part = part
+
+    def batch_sizes(self) -> list[int]:
+        """Every domain's minibatch size: ``batch_size``, or all of a smaller domain."""
+        return [min(self.batch_size, len(idx)) for idx in self.indices]
 
     def __iter__(self) -> DomainBatchSampler:
         return self
@@ -58,8 +69,8 @@ class DomainBatchSampler(_Seeded):
     def __next__(self) -> list[tuple[Tensor, Tensor]]:
         batch = []
         for domain, idx in zip(self.domains, self.indices):
-            take = torch.randperm(len(idx), generator=self.generator)[: self.batch_size]
-            batch.append(domain.batch(idx[take]))
+            take = idx[torch.randperm(len(idx), generator=self.generator)[: self.batch_size]]
+            batch.append(domain.batch(take) if self.part is None else domain.batch_part(take, self.part(len(take))))
         return batch
 
 
@@ -144,14 +155,32 @@ class EpisodeSampler(_Seeded):
         return picked
 
     def __next__(self) -> Episode:
+        episode = self.draw()
+        assert episode is not None
+        return episode
+
+    def take(self, n: int, part: slice = slice(None)) -> list[Episode]:
+        """The episodes ``part`` of the next ``n`` (a meta-batch's share on one of several processes): every
+        episode is drawn, so the stream moves on as it would for all ``n``; only those of ``part`` are fetched."""
+        keep = range(n)[part]
+        return [e for i in range(n) if (e := self.draw(fetch=i in keep)) is not None]
+
+    def draw(self, fetch: bool = True) -> Episode | None:
+        """The next episode; with ``fetch=False`` its draws are made (the generator and, for augmented image
+        folders, the global RNG move on as if fetched) but nothing is loaded, and None is returned."""
         k, q = self.k_shot, self.n_query
         cells = self._pick_cells()
         support_x, query_x = [], []
         for cell in cells:
             take = cell.indices[torch.randperm(len(cell.indices), generator=self.generator)[: k + q]]
+            if not fetch:
+                cell.domain.fetch_part(take, slice(0))
+                continue
             x = cell.domain.fetch(take)
             support_x.append(x[:k])
             query_x.append(x[k:])
+        if not fetch:
+            return None
         labels = torch.arange(self.n_way)
         device = support_x[0].device
         return Episode(

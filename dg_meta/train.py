@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 import dg_meta
-from dg_meta import registry
+from dg_meta import distributed, registry
 from dg_meta.algorithm import Algorithm
 from dg_meta.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
 from dg_meta.dataset import EPISODE_PROTOCOLS, MultiDomainDataset
@@ -207,12 +207,18 @@ class Trainer:
         torch.manual_seed(name_seed(run["seed"], "init"))
         self.algorithm: Algorithm = algorithm_cls(self.dataset.input_shape, self.dataset.num_classes,
                                                   len(self.splits.train_envs), run["hparams"]).to(self.device)
+        self.algorithm.use_fast_layout()
         if run.get("pretrained"):
             load_pretrained(self.algorithm, run["pretrained"])
         if compile:
             for name in algorithm_cls.compile_modules:
                 getattr(self.algorithm, name).compile()
         self.sampler = self._train_sampler()
+        episodic = self.algorithm.batch_kind == "episodes"
+        distributed.check_data_parallel(self.algorithm, [run["hparams"]["meta_batch_size"]] if episodic
+                                        else self.sampler.batch_sizes())
+        if distributed.world_size() > 1:
+            distributed.synchronize_optimizers(self.algorithm)
         if self.algorithm.batch_kind == "episodes":
             self.algorithm.set_training_classes(self._cells(self.splits.train_envs, use_in=True))
         self.swad = SWAD(self.algorithm) if run.get("swad") else None
@@ -227,18 +233,24 @@ class Trainer:
         if self.algorithm.batch_kind == "episodes":
             return training_episode_sampler(self.dataset, self.splits, self.run["episode_protocol"], hp["n_way"],
                                             hp["k_shot"], hp["n_query"], self.run["seed"])
-        return self._domain_sampler("sampler")
+        return self._domain_sampler("sampler", sharded=True)
 
-    def _domain_sampler(self, purpose: str) -> DomainBatchSampler:
-        """Minibatches of every training domain's ``in`` split, seeded by the run's seed and ``purpose``."""
+    def _domain_sampler(self, purpose: str, sharded: bool = False) -> DomainBatchSampler:
+        """Minibatches of every training domain's ``in`` split, seeded by the run's seed and ``purpose``; with
+        ``sharded``, on several processes, this process's share of each (``dg_meta.distributed.shard``)."""
         train_envs = self.splits.train_envs
+        part = (lambda n: distributed.shard(n, "a training domain's minibatch")) \
+            if sharded and distributed.world_size() > 1 else None
         return DomainBatchSampler([self.dataset.domains[e].for_training() for e in train_envs],
                                   [self.splits.in_idx[e] for e in train_envs], self.run["hparams"]["batch_size"],
-                                  name_seed(self.run["seed"], purpose))
+                                  name_seed(self.run["seed"], purpose), part)
 
     def next_batch(self) -> Any:
+        """The next training batch, or on several processes this process's share of it (the tasks of its block
+        of the meta-batch, its slice of every domain's minibatch)."""
         if self.algorithm.batch_kind == "episodes":
-            return [next(self.sampler) for _ in range(self.run["hparams"]["meta_batch_size"])]
+            n = self.run["hparams"]["meta_batch_size"]
+            return self.sampler.take(n, distributed.shard(n, "hparam meta_batch_size"))
         return next(self.sampler)
 
     def evaluate(self, model: Algorithm | None = None) -> dict[str, float]:
@@ -274,13 +286,8 @@ class Trainer:
     def _episode_metrics(self, model: Algorithm) -> dict[str, float]:
         """``{prefix}_fs_acc`` / ``_fs_ci`` per evaluation sampler of the run's protocol: ``env{i}`` per domain
         (per_domain), or ``val`` and ``test`` pooling the training / held-out classes (class_pool)."""
-        metrics = {}
-        for prefix, sampler in evaluation_episode_samplers(
-                self.dataset, self.splits, self.run["episode_protocol"], self.run["fs_way"], self.run["fs_shot"],
-                self.run["fs_query"], self.run["seed"]).items():
-            acc, ci = episode_accuracy(model, sampler, self.run["fs_episodes"])
-            metrics.update({f"{prefix}_fs_acc": acc, f"{prefix}_fs_ci": ci})
-        return metrics
+        return episode_metrics(model, self.dataset, self.splits, self.run["episode_protocol"], self.run["fs_way"],
+                               self.run["fs_shot"], self.run["fs_query"], self.run["seed"], self.run["fs_episodes"])
 
     def state(self) -> dict:
         rng = {"torch": torch.get_rng_state()}
@@ -300,6 +307,20 @@ class Trainer:
         self.records = state["records"]
         if self.swad is not None:
             self.swad.load_state_dict(state["swad"])
+
+
+def episode_metrics(model: Algorithm, dataset: MultiDomainDataset, splits: DomainSplits, protocol: str, way: int,
+                    shot: int, query: int, seed: int, episodes: int,
+                    prefixes: list[str] | None = None) -> dict[str, float]:
+    """``{prefix}_fs_acc`` / ``_fs_ci`` of ``episodes`` episodes from each sampler of
+    ``evaluation_episode_samplers`` (only ``prefixes``, if given, in that function's order): the one function
+    behind training-time scores and ``python -m dg_meta.evaluate``, so both draw and score the same episodes."""
+    metrics = {}
+    for prefix, sampler in evaluation_episode_samplers(dataset, splits, protocol, way, shot, query, seed).items():
+        if prefixes is None or prefix in prefixes:
+            acc, ci = episode_accuracy(model, sampler, episodes)
+            metrics.update({f"{prefix}_fs_acc": acc, f"{prefix}_fs_ci": ci})
+    return metrics
 
 
 def pooled_inputs(sampler: DomainBatchSampler) -> Iterator[torch.Tensor]:
@@ -419,8 +440,28 @@ def check_finite(sums: dict[str, Any], since: int, step: int, output_dir: Path, 
                             f"(--hparams '{{\"lr\": ...}}') and start a new run; {kept}")
 
 
+def kept_checkpoint(output_dir: Path) -> str:
+    """What re-running a stopped run resumes from: the step of ``checkpoint.pt`` (replaced atomically, so the
+    truth), with any number of processes."""
+    ckpt = output_dir / "checkpoint.pt"
+    if not ckpt.is_file():
+        return f"no checkpoint was saved in {output_dir}: re-running the command starts the run over"
+    step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["step"]
+    return (f"the checkpoint of step {step} in {output_dir} is kept: re-run the same command (with any number of "
+            "processes) to resume")
+
+
 def train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, progress: bool = True,
           compile: bool = False, log_every: int | None = None) -> dict:
+    """``_train`` in this process's share of a run on several processes when launched by torchrun or a
+    multi-task srun (``dg_meta.distributed.session``: ``device`` ``cuda`` becomes the GPU of the local rank),
+    else as it is. A process that stops ends the run with one ``TrainingError`` line naming it."""
+    with distributed.session(device, kept=lambda: kept_checkpoint(output_dir)) as device:
+        return _train(run, data_dir, output_dir, device, progress, compile, log_every)
+
+
+def _train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, progress: bool = True,
+           compile: bool = False, log_every: int | None = None) -> dict:
     """Train (or resume, or skip if finished) the run in ``output_dir``; return the final record.
 
     ``compile`` wraps the algorithm's ``compile_modules`` with ``torch.compile``: it changes speed and
@@ -440,17 +481,21 @@ def train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, pro
     check_fewshot_pools(trainer.dataset, trainer.splits, run)
     resume = ckpt_path.exists()
     init_report = init_from_run(trainer.algorithm, run["init_from"]) if run.get("init_from") and not resume else None
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--output-dir {output_dir}: cannot create it ({exc.strerror}); choose another "
-                         "--output-dir") from None
-    for stale in output_dir.glob(".*.tmp"):
-        stale.unlink()
+    distributed.barrier()  # every process has looked for the checkpoint before rank 0 writes anything
+    main = distributed.is_main()  # on several processes rank 0 alone evaluates and writes the run's files
+    if main:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--output-dir {output_dir}: cannot create it ({exc.strerror}); choose another "
+                             "--output-dir") from None
+        for stale in output_dir.glob(".*.tmp"):
+            stale.unlink()
     if resume:
         trainer.load(torch.load(ckpt_path, map_location=trainer.device, weights_only=True))
-        _write_records(results_path, trainer.records)
-    else:
+        if main:
+            _write_records(results_path, trainer.records)
+    elif main:
         if init_report:
             print(init_report, file=sys.stderr)
         atomic_write_json(args_path, {
@@ -459,7 +504,7 @@ def train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, pro
                          "python": platform.python_version()},
             "host": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         })
-    tb = RunLog(output_dir / "tb", run, trainer.dataset.ENVIRONMENTS, trainer.step, log_every)
+    tb = RunLog(output_dir / "tb", run, trainer.dataset.ENVIRONMENTS, trainer.step, log_every) if main else None
     run_info = {"args": {**{k: run[k] for k in ("algorithm", "dataset", "test_envs", "hparams_seed",
                                                 "trial_seed", "seed")}, **({"swad": True} if run.get("swad") else {})},
                 "hparams": run["hparams"]}
@@ -467,10 +512,10 @@ def train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, pro
     steps_in_interval, interval_start = 0, time.perf_counter()
     attempt_start, attempt_start_step = time.time(), trainer.step
     checked_step = trainer.step  # the losses are known finite up to here
-    bar = tqdm(total=run["steps"], initial=trainer.step, disable=not progress, desc=run["algorithm"],
+    bar = tqdm(total=run["steps"], initial=trainer.step, disable=not (progress and main), desc=run["algorithm"],
                dynamic_ncols=True, file=sys.stderr)
     while trainer.step < run["steps"] and not (trainer.swad and trainer.swad.dead_valley):
-        losses = trainer.algorithm.update(trainer.next_batch())
+        losses = distributed.update(trainer.algorithm, trainer.next_batch(), trainer.device)
         for key, value in losses.items():
             value = value.detach() if isinstance(value, torch.Tensor) else value
             sums[key] = sums[key] + value if key in sums else value
@@ -479,7 +524,8 @@ def train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, pro
             trainer.swad.update(trainer.step)
         steps_in_interval += 1
         bar.update(1)
-        tb.add_losses(losses, trainer.step)
+        if tb is not None:
+            tb.add_losses(losses, trainer.step)
         at_checkpoint = trainer.step % run["checkpoint_freq"] == 0 or trainer.step == run["steps"]
         if at_checkpoint or trainer.step % FINITE_CHECK_EVERY == 0:
             check_finite(sums, checked_step, trainer.step, output_dir, trainer.records)
@@ -491,24 +537,27 @@ def train(run: dict[str, Any], data_dir: str, output_dir: Path, device: str, pro
         step_time = (time.perf_counter() - interval_start) / steps_in_interval
         record = {k: float(v) / steps_in_interval for k, v in sums.items()}
         eval_start = time.perf_counter()
-        record.update(trainer.evaluate())
+        record.update(distributed.from_main(trainer.evaluate))
         record.update(step=trainer.step, step_time=step_time, eval_time=time.perf_counter() - eval_start,
                       **run_info)
         if trainer.swad is not None:
             trainer.swad.close_segment(record["train_out_loss"])
         trainer.records.append(record)
-        _write_records(results_path, trainer.records)
-        tb.add_checkpoint(trainer.records)
-        atomic_torch_save(ckpt_path, trainer.state())
-        write_heartbeat(output_dir, trainer.step, run["steps"], attempt_start_step, attempt_start)
-        bar.set_postfix_str(summary_line(run, record, trainer.dataset.ENVIRONMENTS).split(": ", 1)[1][:80])
+        if main:
+            _write_records(results_path, trainer.records)
+            tb.add_checkpoint(trainer.records)
+            atomic_torch_save(ckpt_path, trainer.state())
+            write_heartbeat(output_dir, trainer.step, run["steps"], attempt_start_step, attempt_start)
+            bar.set_postfix_str(summary_line(run, record, trainer.dataset.ENVIRONMENTS).split(": ", 1)[1][:80])
         sums, steps_in_interval, interval_start = {}, 0, time.perf_counter()
     bar.close()
     if trainer.swad is not None:
-        trainer.records.append({**trainer.swad_record(), **run_info})
-        _write_records(results_path, trainer.records)
-    tb.finish()
-    atomic_write_text(done_path, "")
+        trainer.records.append({**distributed.from_main(trainer.swad_record), **run_info})
+        if main:
+            _write_records(results_path, trainer.records)
+    if tb is not None:
+        tb.finish()
+        atomic_write_text(done_path, "")
     return trainer.records[-1]
 
 
@@ -556,19 +605,23 @@ def main(argv: list[str] | None = None) -> int:
         final = train(run, args.data_dir, output_dir, args.device, progress=not args.no_progress,
                       compile=args.compile, log_every=args.log_every)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if distributed.prints():  # on several processes one of them speaks for all
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:
         _close_progress_bars()
-        print(f"error: {exc}", file=sys.stderr)
+        if distributed.prints():
+            print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         _close_progress_bars()
-        print(interrupted_line(output_dir, resume_argv), file=sys.stderr)
+        if distributed.prints():
+            print(interrupted_line(output_dir, resume_argv), file=sys.stderr)
         return 130
-    env_names = registry.get_dataset(run["dataset"]).ENVIRONMENTS
-    print(summary_line(run, final, env_names))
-    print(f"results: {output_dir / 'results.jsonl'}")
+    if distributed.prints():
+        env_names = registry.get_dataset(run["dataset"]).ENVIRONMENTS
+        print(summary_line(run, final, env_names))
+        print(f"results: {output_dir / 'results.jsonl'}")
     return 0
 
 

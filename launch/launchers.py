@@ -11,7 +11,10 @@ Every launcher first clears the job's old ``error.txt`` and writes its ``job.jso
   (``dg_meta:ALGORITHMS:DATASETS``; an array has one name for all its tasks); each task is a ``SlurmJob``, a
   ``submitit.helpers.Checkpointable``: its log starts with the run's folder, and on preemption or timeout
   submitit calls its ``checkpoint``, which requeues the same call, and the run resumes from its own
-  ``checkpoint.pt``.
+  ``checkpoint.pt``. With ``tasks`` > 1 (``--gpus-per-job`` / ``--tasks-per-job``) each job is one run on that
+  many processes of one node (submitit ``tasks_per_node``, one GPU each with ``gpus_per_node``): every task joins
+  the run's process group (``dg_meta.distributed`` reads Slurm's variables), ``srun --kill-on-bad-exit`` ends the
+  others when one fails, and a requeue restarts (and resumes) all of them.
 """
 
 from __future__ import annotations
@@ -121,12 +124,14 @@ class SlurmJob(submitit.helpers.Checkpointable):
 
 @dataclass
 class SlurmOptions:
-    """What each Slurm task asks for; ``sbatch`` holds extra ``#SBATCH`` options (``{"qos": "high"}``)."""
+    """What each Slurm job asks for: ``tasks`` processes on one node (one run on several processes when > 1),
+    each with ``cpus`` CPUs and ``gpus`` GPUs; ``sbatch`` holds extra ``#SBATCH`` options (``{"qos": "high"}``)."""
 
     partition: str | None = None
     time_min: int = 240
     cpus: int = 1
     gpus: int = 0
+    tasks: int = 1
     mem_gb: float | None = None
     array_parallelism: int = 256
     max_requeues: int = 3
@@ -151,8 +156,11 @@ def launch_slurm(jobs: list[Job], folder: Path, options: SlurmOptions) -> list[s
                          "--launcher local or multiprocess")
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=options.max_requeues)
     params: dict[str, Any] = {"name": slurm_array_name(jobs), "timeout_min": options.time_min,
-                              "cpus_per_task": options.cpus, "gpus_per_node": options.gpus,
+                              "cpus_per_task": options.cpus, "gpus_per_node": options.gpus * options.tasks,
+                              "tasks_per_node": options.tasks, "nodes": 1,
                               "slurm_array_parallelism": options.array_parallelism}
+    if options.tasks > 1:  # one failed process ends the job's others at once (no wait on a dead peer)
+        params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
     if options.partition:
         params["slurm_partition"] = options.partition
     if options.mem_gb is not None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from dg_meta import distributed
 from dg_meta.atomic import atomic_write_json, atomic_write_text
 from dg_meta.train import parse_args, resolve_run, train
 
@@ -60,10 +61,15 @@ def _start_attempt(output_dir: Path) -> None:
 def execute(output_dir: Path, argv: list[str], cpus: int = 1, capture: bool = False) -> dict[str, Any]:
     """Run (or resume) the job ``argv`` in ``output_dir`` with ``cpus`` torch threads; return its final record.
 
-    With ``capture`` the run's stdout and stderr are appended to ``log.txt`` (in-process launchers).
+    With ``capture`` the run's stdout and stderr are appended to ``log.txt`` (in-process launchers). In a job of
+    several tasks (a run on several processes, ``dg_meta.distributed``) every task trains; the first alone keeps
+    the job's books (``attempt.json``, ``log.txt``, ``error.txt``).
     """
     output_dir = Path(output_dir)
-    _start_attempt(output_dir)
+    env = distributed.environment()
+    books = env is None or env.rank == 0
+    if books:
+        _start_attempt(output_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(cpus)
     try:
@@ -75,13 +81,15 @@ def execute(output_dir: Path, argv: list[str], cpus: int = 1, capture: bool = Fa
             final = train(resolve_run(args), args.data_dir, output_dir, args.device, progress=False,
                           compile=args.compile)
     except Exception:
-        trace = traceback.format_exc()
-        atomic_write_text(output_dir / ERROR_FILE, trace)
-        log_line(output_dir, "failed:\n" + trace.rstrip())
+        if books:
+            trace = traceback.format_exc()
+            atomic_write_text(output_dir / ERROR_FILE, trace)
+            log_line(output_dir, "failed:\n" + trace.rstrip())
         raise
     finally:
         torch.set_num_threads(threads)
-    log_line(output_dir, "done")
+    if books:
+        log_line(output_dir, "done")
     return final
 
 

@@ -81,7 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     slurm = launch.add_argument_group("Slurm (--launcher slurm)")
     slurm.add_argument("--partition", default=None)
     slurm.add_argument("--time", type=int, default=240, help="minutes per task (default: %(default)s)")
-    slurm.add_argument("--gpus", type=int, default=0, help="GPUs per task")
+    slurm.add_argument("--gpus", type=int, default=0, help="GPUs per task (a run on one process)")
+    slurm.add_argument("--gpus-per-job", type=int, default=0, metavar="N",
+                       help="one run on N GPUs of one node: N processes (Slurm tasks), one GPU each "
+                            "(docs/distributed.md)")
+    slurm.add_argument("--tasks-per-job", type=int, default=None, metavar="N",
+                       help="one run on N processes of one node (default: --gpus-per-job, else 1); without GPUs "
+                            "they train on the CPU (gloo)")
     slurm.add_argument("--mem-gb", type=float, default=None, help="memory per task (default: Slurm's)")
     slurm.add_argument("--array-parallelism", type=int, default=256, help="tasks running at once")
     slurm.add_argument("--max-requeues", type=int, default=3, help="timeouts/preemptions requeued per task")
@@ -115,6 +121,21 @@ def _command(job: Job) -> str:
     return shlex.join(["python", "-m", "dg_meta.train", *job.argv, "--output-dir", str(job.output_dir)])
 
 
+def slurm_tasks(gpus: int, gpus_per_job: int, tasks_per_job: int | None) -> tuple[int, int]:
+    """``(tasks per job, GPUs per task)`` from ``--gpus``, ``--gpus-per-job`` and ``--tasks-per-job``."""
+    if min(gpus, gpus_per_job) < 0 or (tasks_per_job is not None and tasks_per_job < 1):
+        raise UsageError("--gpus and --gpus-per-job must be >= 0 and --tasks-per-job >= 1")
+    if gpus and gpus_per_job:
+        raise UsageError("--gpus (GPUs of a one-process run) and --gpus-per-job (a run on that many GPUs, one per "
+                         "process) exclude each other: give one")
+    if gpus_per_job and tasks_per_job not in (None, gpus_per_job):
+        raise UsageError(f"--gpus-per-job {gpus_per_job} starts one process per GPU: --tasks-per-job must be "
+                         f"{gpus_per_job} or left out")
+    if gpus_per_job:
+        return gpus_per_job, 1
+    return tasks_per_job or 1, gpus
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     sweep_dir = Path(args.output_dir).resolve()
     jobs = sweep_jobs(sweep_dir, args.algorithms, args.datasets, data_dir=args.data_dir, test_envs=args.test_envs,
@@ -123,6 +144,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
                       fs_episodes=args.fs_episodes, plugins=tuple(args.plugin))
     if args.cpus is not None and args.cpus < 1:
         raise UsageError(f"--cpus must be >= 1, got {args.cpus}")
+    tasks, gpus = slurm_tasks(args.gpus, args.gpus_per_job, args.tasks_per_job)
+    if args.launcher != "slurm" and tasks > 1:
+        raise UsageError(f"--gpus-per-job and --tasks-per-job start several processes per run through Slurm: use "
+                         f"--launcher slurm, or launch the run with torchrun (docs/distributed.md), not "
+                         f"--launcher {args.launcher}")
     states = job_states(jobs)
     todo = [s.job for s in states if s.state in (FAILED, NOT_STARTED)]
     count = {s: sum(st.state == s for st in states) for s in STATES}
@@ -142,7 +168,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         launchers.launch_multiprocess(todo, args.cpus, args.workers)
     else:
         options = launchers.SlurmOptions(partition=args.partition, time_min=args.time, cpus=args.cpus or 1,
-                                         gpus=args.gpus, mem_gb=args.mem_gb,
+                                         gpus=gpus, tasks=tasks, mem_gb=args.mem_gb,
                                          array_parallelism=args.array_parallelism,
                                          max_requeues=args.max_requeues, sbatch=dict(args.sbatch),
                                          setup=args.setup)
