@@ -14,14 +14,14 @@ Conv4 (BatchNorm with ``track_running_stats=False``), 28x28 random images (the d
 - optionally ``vmap`` (``engine="vmap"``).
 
 Each path first computes the meta-gradient of one batch from the same weights (its largest difference to the loop's
-is reported, absolute and relative to the tensor's largest entry; on CUDA the loop's own run-to-run difference, from
-cuDNN's non-deterministic kernels and TF32 convolutions, is the noise floor: exactness is tested in float64 on the
-CPU, ``tests/test_batched_tasks.py``), then the paths are timed interleaved (one step of each in turn, ``--repeats``
-rounds after one warm-up round), so a changing load falls on all alike; median / min / max seconds per step. Peak
-memory of one step per path: on CUDA ``max_memory_allocated`` above what was allocated before; on the CPU the peak
-RSS growth (``VmHWM`` after resetting it) of a forked child that takes one step. ``--imaml`` adds iMAML (5-way
-1-shot, meta-batch 32, its 16 proximal steps and 5 conjugate-gradient steps) through loop / threads / batched.
-Prints one JSON object and writes it to ``--output``.
+is reported, absolute and relative to the largest entry of the whole meta-gradient; on CUDA the loop's own run-to-
+run difference, from cuDNN's non-deterministic kernels and TF32 convolutions, is the noise floor: exactness is
+tested in float64 on the CPU, ``tests/test_batched_tasks.py``), then the paths are timed interleaved (one step of
+each in turn, ``--repeats`` rounds after one warm-up round), so a changing load falls on all alike; median / min /
+max seconds per step. Peak memory of one step per path: on CUDA ``max_memory_allocated`` above what was allocated
+before; on the CPU the peak RSS growth (``VmHWM`` after resetting it) of one step in a fresh process that builds the
+path. ``--imaml`` adds iMAML (5-way 1-shot, meta-batch 32, its 16 proximal steps and 5 conjugate-gradient steps)
+through loop / threads / batched. Prints one JSON object and writes it to ``--output``.
 
     python bench/maml_speed.py --device cpu --repeats 5 --imaml --output bench/results/maml_speed_cpu.json
 """
@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -131,19 +132,32 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def _child_peak(step: Step, batch: list[Episode], queue: multiprocessing.Queue) -> None:
+def _child_peak(cls_name: str, path: str, hparams: dict, shot: int, meta_batch: int, threads: int,
+                queue: multiprocessing.Queue) -> None:
+    """In a fresh process: build the path, take one warm-up step, then report the RSS growth of one more."""
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    if cls_name == "iMAML":
+        step = build(iMAML, device, engine=path, **hparams).update
+    else:
+        algorithms, steps, _ = maml_paths([path], device, hparams)
+        step = steps[path]
+    batch = episodes(meta_batch, 5, shot, 15, device)
+    step(batch)
     try:
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")  # reset VmHWM to the current RSS
         before = _status_kb("VmRSS")
         step(batch)
-        queue.put((_status_kb("VmHWM") - before) / 1024)
+        queue.put(max(0, _status_kb("VmHWM") - before) / 1024)
     except OSError as exc:
         queue.put(f"not measured: {exc}")
 
 
-def peak_memory_mb(step: Step, batch: list[Episode], device: torch.device) -> float | str:
-    """Memory one step needs above what was in use before it (see the module docstring)."""
+def peak_memory_mb(step: Step, batch: list[Episode], device: torch.device, child_args: tuple) -> float | str:
+    """Memory one step needs above what was in use before it (see the module docstring). On the CPU a fresh
+    (spawned, not forked: a fork of a process with OpenMP threads can hang) process rebuilds the path from
+    ``child_args`` = (class name, path, hparams, shot, meta-batch)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -151,9 +165,9 @@ def peak_memory_mb(step: Step, batch: list[Episode], device: torch.device) -> fl
         step(batch)
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_child_peak, args=(step, batch, queue))
+    child = context.Process(target=_child_peak, args=(*child_args, torch.get_num_threads(), queue))
     child.start()
     result = queue.get()
     child.join()
@@ -178,20 +192,23 @@ def interleaved_seconds(steps: dict[str, Step], batch: list[Episode], repeats: i
 
 
 def measure(algorithms: dict[str, MAML | iMAML], steps: dict[str, Step], batch: list[Episode], repeats: int,
-            device: torch.device, memory: bool) -> dict[str, dict]:
+            device: torch.device, memory: tuple | None) -> dict[str, dict]:
+    """Gradient check, interleaved timing and (``memory`` = (class name, hparams, shot)) peak memory per path."""
     reference = meta_gradient(steps["loop"], algorithms["loop"], batch)
     report: dict[str, dict] = {}
     for name in steps:
         grads = meta_gradient(steps[name], algorithms[name], batch)
         report[name] = {"max_grad_diff_vs_loop": max(float((a - b).abs().max()) for a, b in zip(grads, reference)),
-                        "max_grad_rel_diff_vs_loop": max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-                                                         for a, b in zip(grads, reference))}
+                        "max_grad_rel_diff_vs_loop": max(float((a - b).abs().max()) for a, b in zip(grads, reference))
+                        / max(float(b.abs().max()) for b in reference)}
     for name, seconds in interleaved_seconds(steps, batch, repeats, device).items():
         median = statistics.median(seconds)
         report[name].update(median_s=median, min_s=min(seconds), max_s=max(seconds), steps_per_s=1.0 / median)
     if memory:
+        cls_name, hparams, shot = memory
         for name in steps:
-            report[name]["peak_memory_mb"] = peak_memory_mb(steps[name], batch, device)
+            report[name]["peak_memory_mb"] = peak_memory_mb(steps[name], batch, device,
+                                                            (cls_name, name, hparams, shot, len(batch)))
     for name in steps:
         for base in ("loop", "higher"):
             if base in report:
@@ -243,17 +260,20 @@ def main(argv: list[str] | None = None) -> dict:
         config = {"k_shot": shot, "meta_batch": meta_batch, "order": order, "inner_steps": inner_steps}
         hparams = {"inner_steps": inner_steps, "first_order": order == "first", "inner_lr": 0.4}
         algorithms, steps, skipped = maml_paths(args.paths, device, hparams)
+        if set(skipped) - set(result["skipped"]):
+            print(json.dumps({"skipped": skipped}), file=sys.stderr, flush=True)
         result["skipped"].update(skipped)
         batch = episodes(meta_batch, 5, shot, 15, device)
-        result["maml"].append({**config, "paths": measure(algorithms, steps, batch, args.repeats, device,
-                                                          not args.no_memory)})
+        memory = None if args.no_memory else ("MAML", hparams, shot)
+        result["maml"].append({**config, "paths": measure(algorithms, steps, batch, args.repeats, device, memory)})
         print(json.dumps(result["maml"][-1]), flush=True)
     if args.imaml:
         algorithms = {name: build(iMAML, device, engine=name) for name in ("loop", "threads", "batched")}
         steps = {name: a.update for name, a in algorithms.items()}
         batch = episodes(32, 5, 1, 15, device)
         result["imaml"] = {"k_shot": 1, "meta_batch": 32, "inner_steps": 16, "cg_steps": 5,
-                           "paths": measure(algorithms, steps, batch, args.repeats, device, not args.no_memory)}
+                           "paths": measure(algorithms, steps, batch, args.repeats, device,
+                                            None if args.no_memory else ("iMAML", {}, 1))}
     text = json.dumps(result, indent=1)
     print(text)
     if args.output:

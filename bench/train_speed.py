@@ -5,14 +5,15 @@ batches of ``--batch-size`` examples from each of the 5 training domains (held-o
 80/20 in/out split), in one process, from the same initialisation:
 
 - ``memory``: the training loop's own path, a ``DomainBatchSampler`` over the domains' tensors, which live
-  on ``--device`` (indices drawn on the CPU, examples gathered on the device);
+  on ``--device`` (indices drawn on the CPU, examples gathered on the device), and the model in the layout the
+  loop gives it (``Algorithm.use_fast_layout``: channels_last for DG image models);
 - ``dataloader``: what DomainBed does, one ``torch.utils.data.DataLoader`` per domain over a
   ``TensorDataset`` of CPU tensors, sampling with replacement in an endless batch sampler
   (DomainBed's ``InfiniteDataLoader``) with ``--workers`` worker processes each (DomainBed: 8), the
-  minibatches copied to the device every step.
+  minibatches copied to the device every step, and PyTorch's default (contiguous) layout.
 
 ``--variants`` adds variants of the ``memory`` path, each alone: ``fused`` (fused Adam, CUDA only),
-``channels_last`` (model and inputs in NHWC), ``compile`` (``torch.compile`` of the network, compile time
+``contiguous`` (our sampler with the default layout), ``compile`` (``torch.compile`` of the network, compile time
 excluded and reported) and ``sync`` (a host-device synchronisation after every batch draw, what a blocking
 index copy costs). Each variant starts from the same weights and draws the same batches as ``memory``, so
 ``max_param_diff`` (largest absolute parameter difference after all steps) shows whether it changes results.
@@ -47,7 +48,7 @@ from dg_meta.samplers import DomainBatchSampler
 from dg_meta.splits import DomainSplits
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("fused", "channels_last", "compile", "sync")
+VARIANTS = ("fused", "contiguous", "compile", "sync")
 Batch = list[tuple[Tensor, Tensor]]
 
 
@@ -102,10 +103,13 @@ class Bench:
         self.cpu_domains = [(d.x.clone(), d.labels.clone()) for d in self.dataset.domains]
         self.dataset.to(self.device)
 
-    def algorithm(self) -> Algorithm:
+    def algorithm(self, fast_layout: bool = True) -> Algorithm:
+        """The algorithm as the training loop builds it (``use_fast_layout``: channels_last for DG image models),
+        or with PyTorch's default layout (``fast_layout=False``: DomainBed's)."""
         torch.manual_seed(name_seed(0, "init"))
-        return self.algorithm_cls(self.dataset.input_shape, self.dataset.num_classes,
-                                  len(self.splits.train_envs), self.hparams).to(self.device)
+        algorithm = self.algorithm_cls(self.dataset.input_shape, self.dataset.num_classes,
+                                       len(self.splits.train_envs), self.hparams).to(self.device)
+        return algorithm.use_fast_layout() if fast_layout else algorithm
 
     def memory_batches(self) -> Callable[[], Batch]:
         envs = self.splits.train_envs
@@ -164,10 +168,8 @@ def apply_variant(bench: Bench, name: str, algorithm: Algorithm,
         hp = bench.hparams
         algorithm.optimizer = torch.optim.Adam(algorithm.network.parameters(), lr=hp["lr"],
                                                weight_decay=hp["weight_decay"], fused=True)
-    elif name == "channels_last":
-        algorithm.network.to(memory_format=torch.channels_last)
-        draw = next_batch
-        return lambda: [(x.contiguous(memory_format=torch.channels_last), y) for x, y in draw()]
+    elif name == "contiguous":
+        algorithm.to(memory_format=torch.contiguous_format)
     elif name == "compile":
         algorithm.network.compile()
     elif name == "sync":
@@ -190,7 +192,7 @@ def measure(args: argparse.Namespace) -> dict:
     bench = Bench(args)
     baseline = bench.algorithm()
     paths = {"memory": (baseline, bench.memory_batches()),
-             "dataloader": (bench.algorithm(), bench.dataloader_batches())}
+             "dataloader": (bench.algorithm(fast_layout=False), bench.dataloader_batches())}
     for name in args.variants:
         algorithm = bench.algorithm()
         paths[name] = (algorithm, apply_variant(bench, name, algorithm, bench.memory_batches()))

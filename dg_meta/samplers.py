@@ -38,7 +38,7 @@ class _Seeded:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a checkpoint may be loaded onto a GPU
 
 
 class DomainBatchSampler(_Seeded):

@@ -301,9 +301,9 @@ class Trainer:
         self.step = state["step"]
         self.algorithm.load_checkpoint_state(state["algorithm"])
         self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"]["torch"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())  # the checkpoint is loaded onto the device
         if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
         self.records = state["records"]
         if self.swad is not None:
             self.swad.load_state_dict(state["swad"])

@@ -210,3 +210,43 @@ def test_batched_implicit_gradients_solve_each_tasks_system_exactly():
         g = flat(torch.autograd.grad(F.cross_entropy(functional_forward(model, phi, qxs[i]), qys[i]), leaves))
         explicit = torch.linalg.solve(torch.eye(size, dtype=torch.float64) + hessian / lam, g)
         assert torch.allclose(solved[i], explicit, rtol=0, atol=1e-8)
+
+
+def reptile(**overrides):
+    import test_reptile
+
+    return test_reptile.make(**overrides).double()
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_reptile_batched_inner_sgd_equals_the_loop_in_float64(steps):
+    import test_reptile
+
+    episodes = [test_reptile.episode(seed, query=2, dtype=torch.float64) for seed in (1, 2, 3)]
+    results = {}
+    for engine in ("loop", "batched"):
+        algorithm = reptile(engine=engine, inner_optimizer="sgd", inner_steps=steps, inner_batch_size=5, lr=0.1)
+        torch.manual_seed(7)
+        loss = algorithm.update(episodes)["loss"]
+        results[engine] = (float(loss), {k: p.detach() for k, p in algorithm.network.named_parameters()})
+    assert abs(results["loop"][0] - results["batched"][0]) < 1e-12
+    assert max_diff(results["loop"][1], results["batched"][1]) < 1e-10
+
+
+@pytest.mark.parametrize("engine,optimizer", [("threads", "adam"), ("threads", "sgd"), ("batched", "sgd")])
+def test_reptile_adapts_to_many_episodes_as_one_by_one(engine, optimizer):
+    """Same minibatches (drawn in the loop's order) and the same inner optimizer state for every episode."""
+    import test_reptile
+
+    episodes = [test_reptile.episode(seed, query=2, dtype=torch.float64) for seed in (4, 5, 6)]
+    algorithm = reptile(engine=engine, inner_optimizer=optimizer, inner_steps_test=3, lr=0.05)
+    torch.manual_seed(1)
+    algorithm.update(episodes)  # the inner optimizer now has state that adaptation must start from
+    algorithm.eval()
+    torch.manual_seed(2)
+    together = algorithm.adapt_episodes(torch.stack([e.support_x for e in episodes]),
+                                        torch.stack([e.support_y for e in episodes]))(
+        torch.stack([e.query_x for e in episodes]))
+    torch.manual_seed(2)
+    for row, e in zip(together, episodes):
+        assert torch.allclose(row, algorithm.adapt(e.support_x, e.support_y)(e.query_x), rtol=0, atol=1e-10)

@@ -1,4 +1,5 @@
-"""Smoke tests of bench/train_speed.py and bench/reproduce_domainbed.py: CLI, JSON, collected tables, doc."""
+"""Smoke tests of bench/train_speed.py, bench/maml_speed.py and bench/reproduce_domainbed.py: CLI, JSON, collected
+tables, doc."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def _load(name: str):
 
 train_speed = _load("train_speed")
 reproduce = _load("reproduce_domainbed")
+maml_speed = _load("maml_speed")
 
 
 def test_train_speed_json_and_identical_sync_variant(tmp_path, capsys):
@@ -36,6 +38,18 @@ def test_train_speed_json_and_identical_sync_variant(tmp_path, capsys):
     # same initialisation and the same batches: a synchronisation alone changes nothing
     assert report["results"]["sync"]["max_param_diff"] == 0.0
     assert report["results"]["sync"]["final_loss"] == report["results"]["memory"]["final_loss"]
+
+
+def test_maml_speed_reports_every_path_with_the_loops_meta_gradient(tmp_path):
+    out = tmp_path / "maml.json"
+    report = maml_speed.main(["--device", "cpu", "--repeats", "1", "--shots", "1", "--meta-batches", "2",
+                              "--orders", "first", "--inner-steps", "1", "--paths", "loop", "threads", "batched",
+                              "higher", "--no-memory", "--output", str(out)])
+    assert json.loads(out.read_text()) == report
+    paths = report["maml"][0]["paths"]
+    assert set(paths) == {"loop", "threads", "batched", "higher"}
+    assert paths["loop"]["speed_vs_loop"] == 1.0 and paths["higher"]["speed_vs_higher"] == 1.0
+    assert all(p["max_grad_rel_diff_vs_loop"] < 1e-4 for p in paths.values())  # float32 rounding only
 
 
 def test_train_speed_fused_needs_cuda(capsys):

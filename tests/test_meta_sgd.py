@@ -70,7 +70,7 @@ def test_rate_gradient_matches_finite_differences():
         alpha["1.weight"][2, 5] += delta
         with torch.enable_grad():
             leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
-            return float(meta_loss(net, leaves, alpha, batch, 1, False))
+            return float(meta_loss(net, leaves, alpha, batch, 1, False).detach())
 
     h = 1e-6
     assert grad == pytest.approx((loss_at(h) - loss_at(-h)) / (2 * h), rel=1e-5, abs=1e-9)
