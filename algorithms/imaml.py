@@ -14,7 +14,7 @@ from dg_meta.algorithm import EpisodicAlgorithm, Losses
 from dg_meta.batched_tasks import (
     batched_forward,
     batched_predictor,
-    fold_network,
+    folded_copy,
     resolve_engine,
     stack_params,
     task_losses,
@@ -35,7 +35,7 @@ from dg_meta.hparams import HParam, choice, log_uniform, positive
 from dg_meta.networks import Conv4
 from dg_meta.registry import register_algorithm
 from dg_meta.samplers import Episode, stack_episodes
-from dg_meta.task_threads import TaskThreads, sum_in_order
+from dg_meta.task_threads import sum_in_order, threads_for
 
 Forward = Callable[[Params, Tensor], Tensor]
 
@@ -128,12 +128,6 @@ class iMAML(EpisodicAlgorithm):  # noqa: N801 (the method's name)
                              f"{n_way} classes: set --fs-way to n_way or hparam n_way to {n_way}")
         return parameters_of(self.network)
 
-    def _engine_helper(self, key: str, build: Callable[[], object]) -> object:
-        cache = self.__dict__.setdefault("_engine_cache", {})
-        if key not in cache:
-            cache[key] = build()
-        return cache[key]
-
     def _task(self, network: nn.Module, e: Episode, n: int) -> tuple[Tensor, Tensor]:
         """One task's implicit meta-gradient divided by ``n`` (flat) and its query loss at ``phi``."""
         hp = self.hparams
@@ -150,7 +144,7 @@ class iMAML(EpisodicAlgorithm):  # noqa: N801 (the method's name)
         theta = self._theta(episodes[0].n_way)
         engine, n = resolve_engine(hp["engine"], next(self.parameters()).device), len(episodes)
         if engine in ("batched", "vmap"):
-            folded = self._engine_helper("folded", lambda: fold_network(self.network))
+            folded = folded_copy(self.network)
             forward = lambda params, x: batched_forward(folded, params, x)  # noqa: E731
             tasks = stack_episodes(episodes)
             phi = proximal_inner_loop(forward, stack_params(theta, n), tasks.support_x, tasks.support_y, hp["lam"],
@@ -162,7 +156,7 @@ class iMAML(EpisodicAlgorithm):  # noqa: N801 (the method's name)
                 query_loss = task_losses(F.cross_entropy, forward(phi, tasks.query_x), tasks.query_y).mean()
         else:
             if engine == "threads":
-                threads = self._engine_helper("threads", lambda: TaskThreads(self.network))
+                threads = threads_for(self.network)
                 results = threads.map(lambda network, e: self._task(network, e, n), episodes)
             else:
                 results = [self._task(self.network, e, n) for e in episodes]
@@ -196,7 +190,7 @@ class iMAML(EpisodicAlgorithm):  # noqa: N801 (the method's name)
         hp = self.hparams
         engine = resolve_engine(hp["engine"], next(self.parameters()).device)
         if engine in ("batched", "vmap"):
-            folded = self._engine_helper("folded", lambda: fold_network(self.network))
+            folded = folded_copy(self.network)
             theta = stack_params(self._theta(int(support_y.max()) + 1), len(support_x))
             with torch.enable_grad():
                 phi = proximal_inner_loop(lambda params, x: batched_forward(folded, params, x), theta, support_x,
@@ -204,7 +198,7 @@ class iMAML(EpisodicAlgorithm):  # noqa: N801 (the method's name)
                                           summed_task_cross_entropy)
             return batched_predictor(folded, phi, lambda logits: logits)
         if engine == "threads":
-            threads = self._engine_helper("threads", lambda: TaskThreads(self.network))
+            threads = threads_for(self.network)
             phis = threads.map(lambda network, s: self._adapted(network, *s), list(zip(support_x, support_y)))
 
             def predict_queries(query_x: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from dg_meta.batched_tasks import (
     batched_inner_loop,
     batched_predictor,
     batched_query_losses,
-    fold_network,
+    folded_copy,
     resolve_engine,
     stack_params,
 )
@@ -34,7 +34,7 @@ from dg_meta.hparams import HParam, choice, log_uniform, positive
 from dg_meta.networks import Conv4
 from dg_meta.registry import register_algorithm
 from dg_meta.samplers import Episode, stack_episodes
-from dg_meta.task_threads import TaskThreads, sum_in_order
+from dg_meta.task_threads import sum_in_order, threads_for
 
 ENGINE_HPARAM = HParam(
     "auto", choice(["auto"]), lambda v: v in ENGINES, "one of " + ", ".join(ENGINES),
@@ -111,19 +111,6 @@ class MAML(EpisodicAlgorithm):
         """The task engine this step uses (hparam ``engine`` resolved for the parameters' device)."""
         return resolve_engine(self.hparams["engine"], next(self.parameters()).device)
 
-    def _cached(self, key: str, build: Callable[[], object]) -> object:
-        """Engine helpers built once (kept outside the module tree: not parameters, not in checkpoints)."""
-        cache = self.__dict__.setdefault("_engine_cache", {})
-        if key not in cache:
-            cache[key] = build()
-        return cache[key]
-
-    def folded_network(self) -> nn.Module:
-        return self._cached("folded", lambda: fold_network(self.network))
-
-    def task_threads(self) -> TaskThreads:
-        return self._cached("threads", lambda: TaskThreads(self.network))
-
     def update(self, episodes: list[Episode]) -> Losses:
         hp = self.hparams
         self.optimizer.zero_grad(set_to_none=True)
@@ -133,7 +120,7 @@ class MAML(EpisodicAlgorithm):
         if engine in ("batched", "vmap"):
             tasks = stack_episodes(episodes)
             if engine == "batched":
-                losses = batched_query_losses(self.folded_network(), self.initial_params(episodes[0].n_way),
+                losses = batched_query_losses(folded_copy(self.network), self.initial_params(episodes[0].n_way),
                                               tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y, **common)
             else:
                 losses = vmap_query_losses(vmap_network(self.network), self.initial_params(episodes[0].n_way),
@@ -148,7 +135,7 @@ class MAML(EpisodicAlgorithm):
                                             e.query_x, e.query_y, **common) / n
                 return [task_loss.detach(), *torch.autograd.grad(task_loss, leaves, allow_unused=True)]
 
-            loss, *grads = sum_in_order(self.task_threads().map(task_gradient, episodes))
+            loss, *grads = sum_in_order(threads_for(self.network).map(task_gradient, episodes))
             for p, g in zip(leaves, grads):
                 p.grad = g
         else:
@@ -187,12 +174,12 @@ class MAML(EpisodicAlgorithm):
             n_way = int(support_y.max()) + 1
             with torch.enable_grad():
                 theta = {k: v.detach().requires_grad_() for k, v in self.initial_params(n_way).items()}
-                fast = batched_inner_loop(self.folded_network(), stack_params(theta, len(support_x)),
+                fast = batched_inner_loop(folded_copy(self.network), stack_params(theta, len(support_x)),
                                           F.cross_entropy, support_x, support_y, self.hparams["inner_steps_test"],
                                           self._test_lrs(), create_graph=False)
-            return batched_predictor(self.folded_network(), fast, self.query_logits)
+            return batched_predictor(folded_copy(self.network), fast, self.query_logits)
         if engine == "threads":
-            fasts = self.task_threads().map(lambda network, s: self.adapted_params(network, *s),
+            fasts = threads_for(self.network).map(lambda network, s: self.adapted_params(network, *s),
                                             list(zip(support_x, support_y)))
 
             def predict_queries(query_x: Tensor) -> Tensor:

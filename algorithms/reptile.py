@@ -13,14 +13,14 @@ from torch import Tensor, nn
 
 from dg_meta import distributed
 from dg_meta.algorithm import EpisodicAlgorithm, Losses
-from dg_meta.batched_tasks import batched_forward, fold_network, resolve_engine, stack_params, task_losses
+from dg_meta.batched_tasks import batched_forward, folded_copy, resolve_engine, stack_params, task_losses
 from dg_meta.errors import UsageError
 from dg_meta.functional import interpolate_, parameters_of, sgd_step
 from dg_meta.hparams import HParam, choice, int_uniform, log_uniform, non_negative, positive
 from dg_meta.networks import Conv4
 from dg_meta.registry import register_algorithm
 from dg_meta.samplers import Episode
-from dg_meta.task_threads import TaskThreads
+from dg_meta.task_threads import threads_for
 
 INNER_OPTIMIZERS = ("adam", "sgd")
 
@@ -123,12 +123,6 @@ class Reptile(EpisodicAlgorithm):
     def engine(self) -> str:
         return resolve_engine(self.hparams["engine"], next(self.parameters()).device)
 
-    def _cached(self, key: str, build: Callable[[], object]) -> object:
-        cache = self.__dict__.setdefault("_engine_cache", {})
-        if key not in cache:
-            cache[key] = build()
-        return cache[key]
-
     @staticmethod
     def _train(module: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
                batches: list[Tensor]) -> Tensor:
@@ -145,7 +139,7 @@ class Reptile(EpisodicAlgorithm):
                        ) -> tuple[dict[str, Tensor], Tensor]:
         """Plain SGD of E stacked tasks at once (``x`` ``[E, n, ...]``, ``batches[e][s]`` task e's step-s indices);
         returns the final stacked weights and the tasks' last minibatch losses ``[E]``."""
-        folded = self._cached("folded", lambda: fold_network(self.network))
+        folded = folded_copy(self.network)
         fast = {k: v.detach().requires_grad_() for k, v in stack_params(theta, len(x)).items()}
         rows = torch.arange(len(x), device=x.device).unsqueeze(1)
         losses = torch.zeros(len(x), device=x.device)
@@ -217,14 +211,14 @@ class Reptile(EpisodicAlgorithm):
         batches = [self._test_batches(support_x.shape[1]) for _ in range(len(support_x))]
         if engine == "batched" and self.hparams["inner_optimizer"] == "sgd":
             fast, _ = self._train_batched(parameters_of(self.network), support_x, support_y, batches)
-            folded = self._cached("folded", lambda: fold_network(self.network))
+            folded = folded_copy(self.network)
 
             def predict_batched(query_x: Tensor) -> Tensor:
                 with torch.no_grad():
                     return batched_forward(folded, fast, query_x)
 
             return predict_batched
-        threads = self._cached("threads", lambda: TaskThreads(self.network))
+        threads = threads_for(self.network)
         models = threads.map(lambda _copy, i: self._adapted_model(support_x[i], support_y[i], batches[i]),
                              list(range(len(support_x))))
 

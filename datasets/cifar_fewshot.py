@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dg_meta.dataset import MultiDomainDataset, TensorDomain
+from dg_meta.dataset import ClassSplitDataset, TensorDomain
 from dg_meta.errors import UsageError
 from dg_meta.registry import register_dataset
 
-SPLITS = ["train", "val", "test"]
+SPLITS = ClassSplitDataset.ENVIRONMENTS
 FILES = ["train", "test", "meta"]
 LAYOUT = "torchvision's CIFAR-100 layout, the python-version pickles of cifar-100-python.tar.gz"
 MEAN = torch.tensor([129.37731888, 124.10583864, 112.47758569]) / 255.0
@@ -135,16 +135,11 @@ class Uint8ImageDomain(TensorDomain):
         return self
 
 
-class _CIFAR100Splits(MultiDomainDataset):
+class _CIFAR100Splits(ClassSplitDataset):
     """Shared construction: the domains ``train``, ``val`` and ``test`` from a boolean class mask per split."""
 
-    ENVIRONMENTS = SPLITS
     INPUT_SHAPE = (3, 32, 32)
     NUM_CLASSES = 100
-    N_STEPS = 60001
-    CHECKPOINT_FREQ = 2000
-    DEFAULT_TEST_ENVS = [1, 2]
-    EPISODE_PROTOCOL = "per_domain"
 
     def __init__(self, root: str | None, hparams: dict):
         super().__init__(root, hparams)

@@ -27,11 +27,11 @@ from dg_meta.datasets.tieredimagenet import class_folders, image_files
 from PIL import Image
 from torch import Tensor
 
-from dg_meta.dataset import MultiDomainDataset
+from dg_meta.dataset import ClassSplitDataset
 from dg_meta.errors import UsageError
 from dg_meta.registry import register_dataset
 
-SPLITS = ["train", "val", "test"]
+SPLITS = ClassSplitDataset.ENVIRONMENTS
 N_CLASSES = 200
 RESIZE = int(SIDE * 1.15)  # CloserLookFewShot's Scale([int(image_size * 1.15)] * 2) before CenterCrop(image_size)
 LAYOUT = "CUB_200_2011/images/<class folder>/<image>.jpg, the official archive's 200 class folders"
@@ -63,17 +63,12 @@ class CenterCropDomain(ImageFileDomain):
 
 
 @register_dataset
-class CUB(MultiDomainDataset):
+class CUB(ClassSplitDataset):
     """CUB-200-2011, 200 bird species (11,788 images) at 84x84, split 100 / 50 / 50 by class as Chen et al. 2019
     do into the domains train / val / test; val and test are the default test domains."""
 
-    ENVIRONMENTS = SPLITS
     INPUT_SHAPE = (3, SIDE, SIDE)
     NUM_CLASSES = N_CLASSES
-    N_STEPS = 60001
-    CHECKPOINT_FREQ = 2000
-    DEFAULT_TEST_ENVS = [1, 2]
-    EPISODE_PROTOCOL = "per_domain"
 
     def __init__(self, root: str | None, hparams: dict):
         super().__init__(root, hparams)

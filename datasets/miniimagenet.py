@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from dg_meta.dataset import Domain, MultiDomainDataset
+from dg_meta.dataset import ClassSplitDataset, Domain
 from dg_meta.errors import UsageError
 from dg_meta.registry import register_dataset
 
 SIDE = 84
-SPLITS = ["train", "val", "test"]
+SPLITS = ClassSplitDataset.ENVIRONMENTS
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
@@ -63,17 +63,12 @@ def read_split_csv(path: Path) -> list[tuple[str, str]]:
 
 
 @register_dataset
-class MiniImageNet(MultiDomainDataset):
+class MiniImageNet(ClassSplitDataset):
     """miniImageNet, 100 ImageNet classes x 600 images at 84x84, split 64 / 16 / 20 by class into the
     domains train / val / test (Ravi & Larochelle 2017); val and test are the default test domains."""
 
-    ENVIRONMENTS = SPLITS
     INPUT_SHAPE = (3, SIDE, SIDE)
     NUM_CLASSES = 100
-    N_STEPS = 60001
-    CHECKPOINT_FREQ = 2000
-    DEFAULT_TEST_ENVS = [1, 2]
-    EPISODE_PROTOCOL = "per_domain"
 
     def __init__(self, root: str | None, hparams: dict):
         super().__init__(root, hparams)

@@ -22,11 +22,11 @@ import torch
 from dg_meta.datasets.image_folder import IMG_EXTENSIONS
 from dg_meta.datasets.miniimagenet import SIDE, ImageFileDomain
 
-from dg_meta.dataset import MultiDomainDataset
+from dg_meta.dataset import ClassSplitDataset
 from dg_meta.errors import UsageError
 from dg_meta.registry import register_dataset
 
-SPLITS = ["train", "val", "test"]
+SPLITS = ClassSplitDataset.ENVIRONMENTS
 FOLDERS = ["tiered-imagenet", "tieredImageNet", "tiered_imagenet"]
 LAYOUT = "{train,val,test}/<wnid>/<image>.jpg, the image-folder form of tieredImageNet"
 
@@ -42,17 +42,12 @@ def image_files(folder: Path) -> list[Path]:
 
 
 @register_dataset
-class TieredImageNet(MultiDomainDataset):
+class TieredImageNet(ClassSplitDataset):
     """tieredImageNet, 608 ImageNet classes at 84x84 split 351 / 97 / 160 by super-category into the domains
     train / val / test (Ren et al. 2018); val and test are the default test domains."""
 
-    ENVIRONMENTS = SPLITS
     INPUT_SHAPE = (3, SIDE, SIDE)
     NUM_CLASSES = 608
-    N_STEPS = 60001
-    CHECKPOINT_FREQ = 2000
-    DEFAULT_TEST_ENVS = [1, 2]
-    EPISODE_PROTOCOL = "per_domain"
 
     def __init__(self, root: str | None, hparams: dict):
         super().__init__(root, hparams)

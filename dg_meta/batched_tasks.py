@@ -25,6 +25,7 @@ on a CPU the folded activations of many tasks fall out of the cache, and the tas
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -126,6 +127,17 @@ def fold_network(module: nn.Module) -> nn.Module:
         parent = folded.get_submodule(parent_name) if parent_name else folded
         setattr(parent, attr, replacement)
     return folded
+
+
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+
+
+def folded_copy(network: nn.Module) -> nn.Module:
+    """``fold_network(network)``, built once per network (only its structure matters: the parameters are always
+    supplied by ``batched_forward``)."""
+    if network not in _FOLDED:
+        _FOLDED[network] = fold_network(network)
+    return _FOLDED[network]
 
 
 def stack_params(params: Params, n_tasks: int) -> Params:

@@ -138,3 +138,15 @@ class MultiDomainDataset:
         for domain in self.domains:
             domain.to(device)
         return self
+
+
+class ClassSplitDataset(MultiDomainDataset):
+    """A few-shot benchmark whose domains are its class splits ``train`` / ``val`` / ``test`` (miniImageNet,
+    tieredImageNet, CUB, CIFAR-FS, FC100): episodes are drawn within one split (``per_domain``), ``val`` and
+    ``test`` are held out by default, and training runs 60,001 episodes with a checkpoint every 2,000."""
+
+    ENVIRONMENTS: ClassVar[list[str]] = ["train", "val", "test"]
+    N_STEPS: ClassVar[int] = 60001
+    CHECKPOINT_FREQ: ClassVar[int] = 2000
+    DEFAULT_TEST_ENVS: ClassVar[list[int]] = [1, 2]
+    EPISODE_PROTOCOL: ClassVar[str] = "per_domain"

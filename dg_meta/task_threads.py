@@ -17,6 +17,7 @@ would have its own).
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -37,10 +38,16 @@ class TaskThreads:
         if any(True for _ in network.buffers()):
             raise UsageError("the threads engine needs a network without buffers (each thread holds a copy); "
                              "choose hparam engine loop")
-        self.network = network
+        self._network = weakref.ref(network)  # not a strong reference: threads_for's cache is keyed by it
         self._copies: list[nn.Module] = []
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
+
+    @property
+    def network(self) -> nn.Module:
+        network = self._network()
+        assert network is not None, "the network of these task threads was deleted"
+        return network
 
     def _workers(self, n: int) -> list[nn.Module]:
         while len(self._copies) < n:
@@ -77,8 +84,15 @@ class TaskThreads:
                 ordered[i] = result
         return ordered  # type: ignore[return-value]
 
-    def __getstate__(self) -> dict:
-        return {"network": self.network, "_copies": [], "_pool": None, "_pool_size": 0}
+
+_THREADS: weakref.WeakKeyDictionary[nn.Module, TaskThreads] = weakref.WeakKeyDictionary()
+
+
+def threads_for(network: nn.Module) -> TaskThreads:
+    """The ``TaskThreads`` of ``network``, built once per network."""
+    if network not in _THREADS:
+        _THREADS[network] = TaskThreads(network)
+    return _THREADS[network]
 
 
 def sum_in_order(per_task: Sequence[Sequence[torch.Tensor | None]]) -> list[torch.Tensor | None]:

@@ -164,7 +164,8 @@ def test_threads_engine_refuses_networks_with_buffers():
 
 
 def test_task_threads_return_results_in_task_order_with_grad_mode_kept():
-    threads = TaskThreads(nn.Linear(2, 2))
+    network = nn.Linear(2, 2)  # the threads hold it weakly: keep it alive
+    threads = TaskThreads(network)
     with torch.no_grad():
         out = threads.map(lambda net, i: (i, torch.is_grad_enabled(), torch.get_num_threads()), list(range(5)))
     assert [o[0] for o in out] == list(range(5)) and not any(o[1] for o in out)

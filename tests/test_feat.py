@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from adam_reference import HandAdam
 from dg_meta.algorithms.feat import FEAT, SetAttention
 from dg_meta.algorithms.fewshot_pretrain import FewShotPretrain
+from episode_checks import build_double, random_episode
 from search_space import bounds, drawn
 
 from dg_meta.hparams import declared_hparams, resolve
@@ -25,17 +26,11 @@ SHAPE = (1, 16, 16)
 
 
 def make(**overrides) -> FEAT:
-    torch.manual_seed(0)
-    return FEAT(SHAPE, 4, 1, resolve(declared_hparams(FEAT), 0, overrides)).double()
+    return build_double(FEAT, SHAPE, overrides)
 
 
 def episode(seed: int, n_way: int = 3, shot: int = 2, query: int = 2) -> Episode:
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n_way)
-    return Episode(torch.randn(n_way * shot, *SHAPE, generator=g, dtype=torch.float64),
-                   labels.repeat_interleave(shot),
-                   torch.randn(n_way * query, *SHAPE, generator=g, dtype=torch.float64),
-                   labels.repeat_interleave(query), labels, torch.zeros(n_way, dtype=torch.long))
+    return random_episode(seed, n_way, shot, query, SHAPE)
 
 
 def hand_attention(p: dict, x: torch.Tensor, training: bool) -> torch.Tensor:

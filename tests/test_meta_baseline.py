@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from dg_meta.algorithms.fewshot_pretrain import FewShotPretrain
 from dg_meta.algorithms.meta_baseline import MetaBaseline
+from episode_checks import build_double, random_episode
 from search_space import bounds, drawn
 from torch import nn
 
@@ -24,17 +25,11 @@ SHAPE = (1, 16, 16)
 
 
 def make(**overrides) -> MetaBaseline:
-    torch.manual_seed(0)
-    return MetaBaseline(SHAPE, 4, 1, resolve(declared_hparams(MetaBaseline), 0, overrides)).double()
+    return build_double(MetaBaseline, SHAPE, overrides)
 
 
 def episode(seed: int, n_way: int = 2, shot: int = 2, query: int = 2) -> Episode:
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n_way)
-    return Episode(torch.randn(n_way * shot, *SHAPE, generator=g, dtype=torch.float64),
-                   labels.repeat_interleave(shot),
-                   torch.randn(n_way * query, *SHAPE, generator=g, dtype=torch.float64),
-                   labels.repeat_interleave(query), labels, torch.zeros(n_way, dtype=torch.long))
+    return random_episode(seed, n_way, shot, query, SHAPE)
 
 
 def hand_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, tau: torch.Tensor,

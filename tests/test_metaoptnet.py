@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from dg_meta.algorithms import metaoptnet as metaoptnet_module
 from dg_meta.algorithms.metaoptnet import MetaOptNet, lr_factor
+from episode_checks import build_double, random_episode
 from scipy.optimize import minimize
 from search_space import bounds, drawn
 from torch import Tensor, nn
@@ -26,16 +27,11 @@ DT = torch.float64
 
 
 def make(**overrides) -> MetaOptNet:
-    torch.manual_seed(0)
-    return MetaOptNet(SHAPE, 4, 1, resolve(declared_hparams(MetaOptNet), 0, overrides)).double()
+    return build_double(MetaOptNet, SHAPE, overrides)
 
 
 def episode(seed: int, n_way: int = 2, shot: int = 2, query: int = 2) -> Episode:
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n_way)
-    return Episode(torch.randn(n_way * shot, *SHAPE, generator=g, dtype=DT), labels.repeat_interleave(shot),
-                   torch.randn(n_way * query, *SHAPE, generator=g, dtype=DT), labels.repeat_interleave(query),
-                   labels, torch.zeros(n_way, dtype=torch.long))
+    return random_episode(seed, n_way, shot, query, SHAPE)
 
 
 def test_defaults_are_the_official_ones_and_the_search_space():

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from adam_reference import HandAdam
 from dg_meta.algorithms.protonet import ProtoNet
+from episode_checks import build_double, random_episode
 from search_space import bounds, drawn
 
 from dg_meta.errors import UsageError
@@ -20,17 +21,11 @@ SHAPE = (1, 16, 16)
 
 
 def make(**overrides) -> ProtoNet:
-    torch.manual_seed(0)
-    return ProtoNet(SHAPE, 4, 1, resolve(declared_hparams(ProtoNet), 0, overrides)).double()
+    return build_double(ProtoNet, SHAPE, overrides)
 
 
 def episode(seed: int, n_way: int = 2, shot: int = 2, query: int = 2) -> Episode:
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n_way)
-    return Episode(torch.randn(n_way * shot, *SHAPE, generator=g, dtype=torch.float64),
-                   labels.repeat_interleave(shot),
-                   torch.randn(n_way * query, *SHAPE, generator=g, dtype=torch.float64),
-                   labels.repeat_interleave(query), labels, torch.zeros(n_way, dtype=torch.long))
+    return random_episode(seed, n_way, shot, query, SHAPE)
 
 
 def hand_loss(net: torch.nn.Module, params: dict[str, torch.Tensor], e: Episode) -> torch.Tensor:

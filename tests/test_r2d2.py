@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from adam_reference import HandAdam
 from dg_meta.algorithms.r2d2 import R2D2
+from episode_checks import build_double, random_episode
 from search_space import bounds, drawn
 from torch import Tensor
 
@@ -23,16 +24,11 @@ DT = torch.float64
 
 
 def make(**overrides) -> R2D2:
-    torch.manual_seed(0)
-    return R2D2(SHAPE, 4, 1, resolve(declared_hparams(R2D2), 0, overrides)).double()
+    return build_double(R2D2, SHAPE, overrides)
 
 
 def episode(seed: int, n_way: int = 2, shot: int = 2, query: int = 2) -> Episode:
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n_way)
-    return Episode(torch.randn(n_way * shot, *SHAPE, generator=g, dtype=DT), labels.repeat_interleave(shot),
-                   torch.randn(n_way * query, *SHAPE, generator=g, dtype=DT), labels.repeat_interleave(query),
-                   labels, torch.zeros(n_way, dtype=torch.long))
+    return random_episode(seed, n_way, shot, query, SHAPE)
 
 
 def hand_logits(support_z: Tensor, support_y: Tensor, query_z: Tensor, n_way: int, lam: Tensor, alpha: Tensor,

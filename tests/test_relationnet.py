@@ -11,6 +11,7 @@ import pytest
 import torch
 from adam_reference import HandAdam
 from dg_meta.algorithms.relationnet import RelationNet
+from episode_checks import random_episode
 from search_space import bounds, drawn
 from torch import nn
 
@@ -27,12 +28,7 @@ def make(shape: tuple[int, ...] = SHAPE, **overrides) -> RelationNet:
 
 
 def episode(seed: int, n_way: int = 3, shot: int = 2, query: int = 2) -> Episode:
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n_way)
-    return Episode(torch.randn(n_way * shot, *SHAPE, generator=g, dtype=torch.float64),
-                   labels.repeat_interleave(shot),
-                   torch.randn(n_way * query, *SHAPE, generator=g, dtype=torch.float64),
-                   labels.repeat_interleave(query), labels, torch.zeros(n_way, dtype=torch.long))
+    return random_episode(seed, n_way, shot, query, SHAPE)
 
 
 def hand_batch_norm(x: torch.Tensor, p: dict, name: str, training: bool, stats: dict) -> torch.Tensor:
