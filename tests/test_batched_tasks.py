@@ -251,3 +251,29 @@ def test_reptile_adapts_to_many_episodes_as_one_by_one(engine, optimizer):
     torch.manual_seed(2)
     for row, e in zip(together, episodes):
         assert torch.allclose(row, algorithm.adapt(e.support_x, e.support_y)(e.query_x), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name,engine", [("MAML", "batched"), ("MAML", "threads"), ("iMAML", "batched"),
+                                         ("MetaSGD", "batched")])
+def test_resume_from_a_checkpoint_equals_uninterrupted(name, engine):
+    """Three meta-steps straight, or one, a save and load of the checkpoint state, then two: identical weights."""
+    import io
+
+    hp = {"shape": SMALL, "engine": engine, "meta_batch_size": 2}
+    if name == "iMAML":
+        hp.update(inner_steps=2, cg_steps=2)
+    batches = [episodes_f64(2, seed=20 + i) for i in range(3)]
+    straight = make(name, **hp).double()
+    for b in batches:
+        straight.update(b)
+    first = make(name, **hp).double()
+    first.update(batches[0])
+    buffer = io.BytesIO()
+    torch.save(first.checkpoint_state(), buffer)
+    buffer.seek(0)
+    resumed = make(name, **hp).double()
+    resumed.load_checkpoint_state(torch.load(buffer, weights_only=True))
+    for b in batches[1:]:
+        resumed.update(b)
+    for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
