@@ -293,15 +293,23 @@ INTERRUPTED = re.compile(r"interrupted: the checkpoint of step (\d+) in (.+) is 
 def _interrupt_after_a_new_checkpoint(command: list[str], ckpt: Path) -> tuple[int, str]:
     """Start ``command`` (umask 027), send SIGINT once it has replaced ``ckpt``; return (exit code, stderr)."""
     old = ckpt.stat().st_ino if ckpt.exists() else None
+    # a user's Ctrl-C reaches a process whose SIGINT is not ignored; a runner started in the background (a
+    # non-interactive shell's `cmd &`) passes SIGINT down ignored, so restore the default in the child
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            umask=0o027, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    start = time.time()
-    while not ckpt.exists() or ckpt.stat().st_ino == old:
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - start < 300
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+                            umask=0o027, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        start = time.time()
+        while not ckpt.exists() or ckpt.stat().st_ino == old:
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() - start < 300
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # a failed check must not leave a 100000-step run behind
+            proc.kill()
+            proc.communicate()
     return proc.returncode, err
 
 
