@@ -39,7 +39,7 @@ def two_threads():
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("steps", [1, 5])
 def test_maml_meta_gradient_equals_the_loop_in_float64(engine, first_order, steps):
-    episodes = episodes_f64(3)
+    episodes = episodes_f64(2)
     hp = {"shape": SMALL, "inner_steps": steps, "inner_lr": 0.1, "first_order": first_order}
     loop = meta_grads(make(engine="loop", **hp).double(), episodes)
     assert max_diff(loop, meta_grads(make(engine=engine, **hp).double(), episodes)) < 1e-10
