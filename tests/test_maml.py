@@ -81,8 +81,9 @@ def hand_meta_gradient(net: nn.Module, params: list[torch.Tensor], episodes: lis
     return loss.detach(), list(torch.autograd.grad(loss, params))
 
 
-def test_two_updates_are_adam_steps_on_the_mean_second_order_meta_gradient():
-    algorithm = make(shape=(1, 16, 16), inner_lr=0.1, meta_batch_size=2).double()
+@pytest.mark.parametrize("engine", ["loop", "threads", "batched"])
+def test_two_updates_are_adam_steps_on_the_mean_second_order_meta_gradient(engine):
+    algorithm = make(shape=(1, 16, 16), inner_lr=0.1, meta_batch_size=2, engine=engine).double()
     net = copy.deepcopy(algorithm.network)
     hand = HandAdam(list(net.parameters()), lr=1e-3)
     g = torch.Generator().manual_seed(8)
@@ -230,3 +231,25 @@ def test_trains_from_the_cli_and_scores_the_held_out_domain_by_episodes(name, st
     assert record["env0_fs_acc"] > min_acc, record["env0_fs_acc"]
     if max_loss is not None:
         assert record["loss"] < max_loss, record["loss"]
+
+
+@pytest.mark.parametrize("engine,called", [("loop", {"task_query_loss"}),
+                                           ("threads", {"threads_for", "task_query_loss"}),  # the loop, on threads
+                                           ("batched", {"batched_query_losses"}), ("vmap", {"vmap_query_losses"})])
+def test_update_and_evaluation_run_the_engine_the_hparam_names(engine, called, monkeypatch):
+    """A spy on each engine's entry point: the hparam routes update and adapt_episodes to it and to no other."""
+    import dg_meta.algorithms.maml as maml_module
+
+    calls = []
+    for name in ("task_query_loss", "threads_for", "batched_query_losses", "vmap_query_losses", "batched_inner_loop"):
+        original = getattr(maml_module, name)
+        monkeypatch.setattr(maml_module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    algorithm = make(shape=(1, 16, 16), engine=engine)
+    assert algorithm.engine() == engine
+    episodes = [episode(torch.Generator().manual_seed(s), shape=(1, 16, 16)) for s in (1, 2)]
+    algorithm.update(episodes)
+    assert set(calls) == called
+    calls.clear()
+    algorithm.adapt_episodes(torch.stack([e.support_x for e in episodes]), torch.stack([e.support_y for e in episodes]))
+    expected = {"threads": {"threads_for"}, "batched": {"batched_inner_loop"}}.get(engine, set())
+    assert set(calls) == expected
