@@ -250,6 +250,8 @@ def test_update_and_evaluation_run_the_engine_the_hparam_names(engine, called, m
     algorithm.update(episodes)
     assert set(calls) == called
     calls.clear()
-    algorithm.adapt_episodes(torch.stack([e.support_x for e in episodes]), torch.stack([e.support_y for e in episodes]))
+    predict = algorithm.adapt_episodes(torch.stack([e.support_x for e in episodes]),
+                                       torch.stack([e.support_y for e in episodes]))
+    assert predict(torch.stack([e.query_x for e in episodes])).shape == (2, 15, 5)
     expected = {"threads": {"threads_for"}, "batched": {"batched_inner_loop"}}.get(engine, set())
     assert set(calls) == expected
