@@ -1,8 +1,9 @@
 """RotatedDigits, RotatedMNIST and ColoredMNIST match their definitions."""
 
+import numpy as np
 import pytest
 import torch
-from dg_meta.datasets.digits import RotatedDigits
+from dg_meta.datasets.digits import RotatedDigits, bundled_digits
 from dg_meta.datasets.mnist import ColoredMNIST, RotatedMNIST, load_mnist
 
 from dg_meta.errors import UsageError
@@ -18,6 +19,15 @@ def test_rotated_digits_domains():
     # rotation moves ink into the corners that upright digits leave empty
     corner = (slice(None), 0, slice(0, 2), slice(0, 2))
     assert ds.domains[0].x[corner].sum() < ds.domains[5].x[corner].sum()
+
+
+def test_bundled_digits_are_scikit_learns_load_digits():
+    from sklearn.datasets import load_digits
+
+    images, labels = bundled_digits()
+    digits = load_digits()
+    assert images.dtype == digits.images.dtype and np.array_equal(images, digits.images)
+    assert labels.dtype == np.int64 and np.array_equal(labels, digits.target)
 
 
 def test_rotated_mnist(mnist_root):

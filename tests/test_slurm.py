@@ -1,9 +1,10 @@
 """Sweeps on a real Slurm cluster (start one with ``bash ../shared/slurm/start_local_slurm.sh``).
 
-One module-scoped sweep (ERM and the test plug-in ``Brittle`` x 2 hparams seeds x 1 trial on RotatedDigits):
-first on held-out domain 0 while ``Brittle`` refuses seed 1's learning rate (a failure), then on domains 0 and
-1 after the fix, which re-runs only the failed and the unstarted jobs. Then a preemption (``scontrol requeue``
-of a running task) and the local and multiprocess launchers, all compared on one job's ``results.jsonl``.
+One module-scoped sweep on RotatedDigits, held-out domain 0, 1 trial: first the test plug-in ``Brittle`` x 2
+hparams seeds while it refuses seed 1's learning rate (a failure), then ERM and ``Brittle`` after the fix, which
+re-runs only the failed and the unstarted jobs (5 jobs in all: the fixture is the suite's longest wait). Then a
+preemption (``scontrol requeue`` of a running task) and the local and multiprocess launchers, all compared on one
+job's ``results.jsonl``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _slurm_missing() -> str | None:
 
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_slurm_missing() is not None, reason=str(_slurm_missing()))]
 
-JOB = ["--steps", "30", "--checkpoint-freq", "10"]
+JOB = ["--steps", "20", "--checkpoint-freq", "10"]
 SLURM = ["--launcher", "slurm", "--cpus", "1", "--time", "15"]
 WAIT_S = 600
 
@@ -45,9 +46,9 @@ def _sweep(*argv: str) -> tuple[int, str]:
     return code, out.getvalue()
 
 
-def _launch_args(sweep: Path, *test_envs: str) -> list[str]:
-    return ["launch", "--output-dir", str(sweep), "--algorithms", "ERM", "Brittle", "--plugin", "brittle_plugin",
-            "--n-hparams", "2", "--test-envs", *test_envs, *JOB, *SLURM, "--wait"]
+def _launch_args(sweep: Path, *algorithms: str) -> list[str]:
+    return ["launch", "--output-dir", str(sweep), "--algorithms", *algorithms, "--plugin", "brittle_plugin",
+            "--n-hparams", "2", "--test-envs", "0", *JOB, *SLURM, "--wait"]
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +60,11 @@ def sweep(tmp_path_factory) -> dict:
         mp.syspath_prepend(str(root))
         mp.setenv("PYTHONPATH", str(root))
         mp.setenv("BRITTLE_FLAG", str(flag))
-        first_code, first = _sweep(*_launch_args(sweep_dir, "0"))
+        first_code, first = _sweep(*_launch_args(sweep_dir, "Brittle"))
         _, status = _sweep("status", "--output-dir", str(sweep_dir))
         attempts = {n: json.loads((d / "attempt.json").read_text())["attempt"] for n, d in run_dirs(sweep_dir).items()}
         flag.unlink()
-        second_code, second = _sweep(*_launch_args(sweep_dir, "0", "1"))
+        second_code, second = _sweep(*_launch_args(sweep_dir, "ERM", "Brittle"))
     return {"dir": sweep_dir, "first": (first_code, first), "status": status, "attempts": attempts,
             "second": (second_code, second)}
 
@@ -75,9 +76,9 @@ def _erm_te0_seed0(sweep_dir: Path) -> Path:
 
 def test_failure_is_reported_by_status_and_the_others_finish(sweep: dict):
     code, out = sweep["first"]
-    assert code == 1 and re.search(r"submitted job array \d+ \(4 tasks\)", out)
+    assert code == 1 and re.search(r"submitted job array \d+ \(2 tasks\)", out)
     lines = sweep["status"].splitlines()
-    assert lines[0] == "4 jobs: 3 done, 0 pending, 0 running, 1 failed, 0 not started"
+    assert lines[0] == "2 jobs: 1 done, 0 pending, 0 running, 1 failed, 0 not started"
     assert lines[1].startswith("failed: Brittle/RotatedDigits/te0/hp1/trial0-")
     log = Path(lines[2].removeprefix("  log: "))
     assert log.name.endswith("_log.err") and "ValueError: bad hparam lr=" in log.read_text()
@@ -89,13 +90,13 @@ def test_failure_is_reported_by_status_and_the_others_finish(sweep: dict):
 def test_relaunch_reruns_only_failed_and_unstarted_jobs(sweep: dict):
     code, out = sweep["second"]
     assert code == 0
-    assert out.splitlines()[0] == ("8 jobs: 3 done, 0 pending and 0 running (left alone); "
-                                   "launching 1 failed and 4 not started "
+    assert out.splitlines()[0] == ("4 jobs: 1 done, 0 pending and 0 running (left alone); "
+                                   "launching 1 failed and 2 not started "
                                    "with --launcher slurm")
-    assert out.splitlines()[-1] == "5 jobs: 5 done, 0 pending, 0 running, 0 failed, 0 not started"
+    assert out.splitlines()[-1] == "3 jobs: 3 done, 0 pending, 0 running, 0 failed, 0 not started"
     after = {n: json.loads((d / "attempt.json").read_text())["attempt"] for n, d in run_dirs(sweep["dir"]).items()}
     first = sweep["attempts"]
-    assert len(first) == 4 and len(after) == 8
+    assert len(first) == 2 and len(after) == 4
     failed = sweep["status"].splitlines()[1].removeprefix("failed: ")
     assert {n: a for n, a in after.items() if n in first} == {n: 2 if n == failed else 1 for n in first}
     assert all(a == 1 for n, a in after.items() if n not in first)
@@ -105,22 +106,22 @@ def test_collected_tables_have_every_cell_filled(sweep: dict):
     records = collect.load_records(sweep["dir"]).records
     for method in ("training_domain", "oracle"):
         (table,) = collect.selection_tables(records, method)
-        assert table.columns == ["0°", "15°", "Avg"] and sorted(table.cells) == ["Brittle", "ERM"]
+        assert table.columns == ["0°", "Avg"] and sorted(table.cells) == ["Brittle", "ERM"]
         assert all(cell is not None and 0 <= cell[0] <= 100 for cells in table.cells.values() for cell in cells)
     code, out = _sweep("collect", "--output-dir", str(sweep["dir"]))
-    assert code == 0 and re.search(r"\| ERM \| \d+\.\d \(1\) \| \d+\.\d \(1\) \| \d+\.\d \(1\) \|", out)
+    assert code == 0 and re.search(r"\| ERM \| \d+\.\d \(1\) \| \d+\.\d \(1\) \|$", out, re.M)
 
 
 def test_sacct_shows_the_job_arrays(sweep: dict):
     ids = {json.loads((d / "job.json").read_text())["slurm_job_id"] for d in run_dirs(sweep["dir"]).values()}
     arrays = sorted({i.split("_")[0] for i in ids}, key=int)
     assert len(arrays) == 2
-    for array, n_tasks in zip(arrays, (4, 5)):
+    for array, n_tasks, names in zip(arrays, (2, 3), ("Brittle", "ERM,Brittle")):
         out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,JobName,State", "-j", array],
                              capture_output=True, text=True, check=True).stdout
         rows = [line.split("|") for line in out.splitlines()]
         assert sorted(r[0] for r in rows) == sorted(f"{array}_{i}" for i in range(n_tasks))
-        assert {r[1] for r in rows} == {"dg_meta:ERM,Brittle:RotatedDigits"}
+        assert {r[1] for r in rows} == {f"dg_meta:{names}:RotatedDigits"}
     assert {i for i in ids if i.startswith(arrays[1] + "_")}  # the relaunched jobs ran in the second array
 
 
