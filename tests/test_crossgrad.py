@@ -2,6 +2,7 @@
 loss, and one update equals an independent re-implementation (perturbations, both losses, Adam)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -118,9 +119,11 @@ def test_two_updates_equal_an_independent_reimplementation():
             assert torch.allclose(p, q, rtol=0, atol=1e-8), (which, name, float((p - q).abs().max()))
 
 
-@pytest.mark.slow
-def test_crossgrad_trains_through_the_cli(tmp_path):
-    proc = run_cli("--algorithm", "CrossGrad", "--steps", "20", "--checkpoint-freq", "20",
+def test_crossgrad_runs_through_the_cli_process(tmp_path):
+    """The CLI plumbing only (the update is checked above; a step costs ~0.6 s: two ConvNets, four backwards)."""
+    proc = run_cli("--algorithm", "CrossGrad", "--steps", "4", "--checkpoint-freq", "2",
                    "--output-dir", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "run" / "done").exists()
+    lines = (tmp_path / "run" / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2, 4]
