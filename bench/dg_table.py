@@ -8,6 +8,11 @@ each in its own folder under ``--output-dir`` (re-running resumes or skips finis
 accuracy is chosen by training-domain validation (``dg_meta.selection``) and tabulated by
 ``dg_meta.launch.collect``; the tables replace this script's own section of ``--doc`` (other sections are
 kept). Example: ``python bench/dg_table.py --quick --algorithms ERM MLDG``.
+
+Parallel runs (e.g. on a GPU machine's cores): ``--shard I/N`` trains every N-th run starting at the I-th and writes
+no table (each shard's is partial); once every shard has finished, ``--collect-only`` with the same arguments but
+``--shard`` writes the table from the run folders, and its header gives the runs' own wall time (steps times the
+recorded seconds per step, plus evaluations), summed over runs.
 """
 
 from __future__ import annotations
@@ -53,7 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=str(REPO / "outputs" / "dg_table"), help="folder of the run folders")
     p.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"), help="markdown file to update")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shard", default=None, metavar="I/N", help="train only runs I, I+N, I+2N, ... (0 <= I < N); "
+                   "writes no table")
+    p.add_argument("--collect-only", action="store_true", help="train nothing: tabulate the finished run folders")
     return p
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"I/N"`` as ``(I, N)``; no shard is ``(0, 1)``."""
+    if text is None:
+        return 0, 1
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise UsageError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. --shard 0/4")
+    return int(index), int(count)
+
+
+def run_seconds(records: list[dict]) -> float:
+    """Training and evaluation seconds of one run's records: each record's mean step time over the steps since
+    the previous record, plus its evaluation."""
+    seconds, previous = 0.0, 0
+    for record in records:
+        seconds += record["step_time"] * (record["step"] - previous) + record["eval_time"]
+        previous = record["step"]
+    return seconds
 
 
 def default_datasets(data_dir: str) -> list[str]:
@@ -108,8 +136,9 @@ def section_body(tables: str, args: argparse.Namespace, argv: list[str], seconds
     steps = "each dataset's default" if args.steps is None else str(args.steps)
     return (f"## Domain generalization: leave-one-domain-out (`bench/dg_table.py`)\n\n"
             f"Default hparams, {steps} steps, {args.trials} trial seed(s); held-out accuracy (%) chosen by "
-            f"training-domain validation, mean ± standard error over trials. Command: `{command}` "
-            f"({time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} min on {args.device}).\n\n{tables}")
+            f"training-domain validation, mean ± standard error over trials (their number in brackets). Command: "
+            f"`{command}` ({time.strftime('%Y-%m-%d')}; the runs' own wall time: {seconds / 60:.0f} min in all, "
+            f"measured by each run on {args.device}).\n\n{tables}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,23 +155,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.algorithms is None:
             args.algorithms = [a for a in ALGORITHMS if a in registry.algorithm_names()]
         args.datasets = args.datasets or default_datasets(args.data_dir)
+        index, count = parse_shard(args.shard)
+        if args.shard is not None and args.collect_only:
+            raise UsageError("--shard trains a part of the runs and --collect-only trains none: give one of them")
         runs = job_runs(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     output_dir = Path(args.output_dir)
-    start = time.perf_counter()
-    for i, run in enumerate(runs, 1):
-        folder = run_dir(output_dir, run)
-        final = train(run, args.data_dir, folder, args.device, progress=False)
+    mine = [] if args.collect_only else runs[index::count]
+    for i, run in enumerate(mine, 1):
+        final = train(run, args.data_dir, run_dir(output_dir, run), args.device, progress=False)
         env = run["test_envs"][0]
-        print(f"[{i}/{len(runs)}] {run['dataset']} {run['algorithm']} test env {env} trial {run['trial_seed']}: "
+        print(f"[{i}/{len(mine)}] {run['dataset']} {run['algorithm']} test env {env} trial {run['trial_seed']}: "
               f"{100 * final[f'env{env}_in_acc']:.1f}%", file=sys.stderr)
-    folders = {run_dir(output_dir, run) for run in runs}
-    records = [r for f in sorted(folders) for r in load_records(f).records]
+    if args.shard is not None:
+        return 0
+    folders = [f for f in sorted({run_dir(output_dir, run) for run in runs}) if f.is_dir()]
+    per_run = [load_records(f).records for f in folders]
+    records = [r for run_records in per_run for r in run_records]
     tables = "\n\n".join(to_markdown(t) for t in selection_tables(records, "training_domain"))
     doc = Path(args.doc)
-    update_doc(doc, section_body(tables, args, argv, time.perf_counter() - start))
+    update_doc(doc, section_body(tables, args, argv, sum(run_seconds(r) for r in per_run)))
     print(tables)
     print(f"written to {doc}")
     return 0

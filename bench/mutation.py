@@ -80,9 +80,10 @@ TESTS: dict[str, list[str]] = {
     "algorithms/anil.py": ["tests/test_anil.py"],
     "algorithms/boil.py": ["tests/test_boil.py"],
     "algorithms/meta_sgd.py": ["tests/test_meta_sgd.py"],
-    "algorithms/reptile.py": ["tests/test_reptile.py"],
+    # with the engines' equality tests (batched inner SGD, test-time adaptation, resume) of tests/test_batched_tasks.py
+    "algorithms/reptile.py": ["tests/test_reptile.py", "tests/test_batched_tasks.py", "-k", "reptile"],
     "algorithms/unicorn_maml.py": ["tests/test_unicorn.py"],
-    "algorithms/imaml.py": ["tests/test_imaml.py"],
+    "algorithms/imaml.py": ["tests/test_imaml.py", "tests/test_batched_tasks.py", "-k", "imaml or implicit"],
     "algorithms/crossgrad.py": [  # all but the CLI test (marked slow)
         "tests/test_crossgrad.py::test_perturbation_is_eps_times_clipped_gradient_of_the_batch_mean_loss",
         "tests/test_crossgrad.py::test_defaults_are_the_authors_constants",

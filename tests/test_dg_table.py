@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("dg_table", REPO / "bench" / "dg_table.py")
 dg_table = importlib.util.module_from_spec(spec)
@@ -50,3 +52,34 @@ def test_quick_sets_one_trial_and_twenty_steps():
         setattr(args, key, value)
     runs = dg_table.job_runs(args)
     assert len(runs) == 6 and {r["steps"] for r in runs} == {20} and {r["trial_seed"] for r in runs} == {0}
+
+
+def test_shards_split_the_runs_and_collect_only_writes_the_table(tmp_path, capsys):
+    doc = tmp_path / "benchmarks.md"
+    common = ["--algorithms", "ERM", "Ensemble", "--datasets", "RotatedDigits", "--trials", "2", "--steps", "1",
+              "--test-envs", "0", "--output-dir", str(tmp_path / "runs"), "--doc", str(doc)]
+    assert dg_table.main([*common, "--shard", "1/3"]) == 0
+    assert not doc.exists()  # a shard's table would be partial
+    assert sorted(p.parent.name.split("-")[1] for p in (tmp_path / "runs").glob("*/done")) == ["ERM"]
+    assert dg_table.main([*common, "--collect-only"]) == 0  # trains nothing: one run of four in the table
+    assert len(list((tmp_path / "runs").glob("*/done"))) == 1
+    assert [line for line in doc.read_text().splitlines() if line.startswith("| ERM")] == [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| ERM")]
+    for shard in ("0/3", "2/3"):
+        assert dg_table.main([*common, "--shard", shard]) == 0
+    assert len(list((tmp_path / "runs").glob("*/done"))) == 4
+    assert dg_table.main([*common, "--collect-only"]) == 0
+    rows = [line for line in doc.read_text().splitlines() if line.startswith("| E")]
+    assert [row.count("(2)") for row in rows] == [2, 2]  # both trials of both algorithms
+
+
+@pytest.mark.parametrize("shard", ["3/3", "1", "a/2", "0/0"])
+def test_a_malformed_shard_is_a_usage_error(tmp_path, capsys, shard):
+    assert dg_table.main(["--algorithms", "ERM", "--shard", shard, "--output-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: --shard {shard}: expected I/N with 0 <= I < N, e.g. --shard 0/4\n"
+    assert not any(tmp_path.iterdir())
+
+
+def test_run_seconds_add_each_records_steps_and_evaluation():
+    records = [{"step": 50, "step_time": 0.2, "eval_time": 1.0}, {"step": 200, "step_time": 0.1, "eval_time": 2.0}]
+    assert dg_table.run_seconds(records) == pytest.approx(50 * 0.2 + 1.0 + 150 * 0.1 + 2.0)
