@@ -189,6 +189,21 @@ def test_imaml_update_equals_the_loop_in_float64(engine, steps):
                     {k: p.detach() for k, p in other.network.named_parameters()}) < 1e-10
 
 
+@pytest.mark.parametrize("engine,called", [("loop", set()), ("threads", {"threads_for"}),
+                                           ("batched", {"folded_copy"}), ("vmap", {"folded_copy"})])
+def test_imaml_engine_hparam_routes_the_update(engine, called, monkeypatch):
+    """A spy on each path's entry point (the loop and its threaded run give identical numbers, so only this tells
+    them apart)."""
+    import dg_meta.algorithms.imaml as imaml_module
+
+    calls = []
+    for name in ("threads_for", "folded_copy"):
+        original = getattr(imaml_module, name)
+        monkeypatch.setattr(imaml_module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    test_imaml.make(engine=engine, inner_steps=1, cg_steps=2).update([test_imaml.episode(s) for s in (1, 2)])
+    assert set(calls) == called
+
+
 def test_batched_implicit_gradients_solve_each_tasks_system_exactly():
     """Against the explicit inverse (I + H_i/lam)^-1 g_i of each of two tasks, solved as one [2, P] system."""
     model, x, y, qx, qy = test_imaml.toy_task(0)
