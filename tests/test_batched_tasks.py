@@ -191,7 +191,7 @@ def test_imaml_update_equals_the_loop_in_float64(engine, steps):
 
 @pytest.mark.parametrize("engine,called", [("loop", set()), ("threads", {"threads_for"}),
                                            ("batched", {"folded_copy"}), ("vmap", {"folded_copy"})])
-def test_imaml_engine_hparam_routes_the_update(engine, called, monkeypatch):
+def test_imaml_engine_hparam_routes_update_and_adapt_episodes(engine, called, monkeypatch):
     """A spy on each path's entry point (the loop and its threaded run give identical numbers, so only this tells
     them apart)."""
     import dg_meta.algorithms.imaml as imaml_module
@@ -200,7 +200,14 @@ def test_imaml_engine_hparam_routes_the_update(engine, called, monkeypatch):
     for name in ("threads_for", "folded_copy"):
         original = getattr(imaml_module, name)
         monkeypatch.setattr(imaml_module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
-    test_imaml.make(engine=engine, inner_steps=1, cg_steps=2).update([test_imaml.episode(s) for s in (1, 2)])
+    algorithm = test_imaml.make(engine=engine, inner_steps=1, cg_steps=2, inner_steps_test=1)
+    episodes = [test_imaml.episode(s) for s in (1, 2)]
+    algorithm.update(episodes)
+    assert set(calls) == called
+    calls.clear()
+    predict = algorithm.adapt_episodes(torch.stack([e.support_x for e in episodes]),
+                                       torch.stack([e.support_y for e in episodes]))
+    assert predict(torch.stack([e.query_x for e in episodes])).shape[:2] == (2, len(episodes[0].query_y))
     assert set(calls) == called
 
 
