@@ -189,6 +189,17 @@ def test_imaml_update_equals_the_loop_in_float64(engine, steps):
                     {k: p.detach() for k, p in other.network.named_parameters()}) < 1e-10
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_imaml_adapt_episodes_equals_adapt_one_at_a_time(engine):
+    algorithm = test_imaml.make(engine=engine, inner_steps_test=3).eval()
+    episodes = [test_imaml.episode(seed) for seed in (4, 5, 6)]
+    support_x, support_y = torch.stack([e.support_x for e in episodes]), torch.stack([e.support_y for e in episodes])
+    logits = algorithm.adapt_episodes(support_x, support_y)(torch.stack([e.query_x for e in episodes]))
+    assert logits.shape == (3, 10, 5) and not logits.requires_grad
+    for row, e in zip(logits, episodes):
+        assert torch.allclose(row, algorithm.adapt(e.support_x, e.support_y)(e.query_x), rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("engine,called", [("loop", set()), ("threads", {"threads_for"}),
                                            ("batched", {"folded_copy"}), ("vmap", {"folded_copy"})])
 def test_imaml_engine_hparam_routes_update_and_adapt_episodes(engine, called, monkeypatch):
