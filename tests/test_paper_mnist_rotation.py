@@ -14,6 +14,7 @@ from dg_meta.datasets.mnist import load_mnist
 from dg_meta.datasets.mnist_rotation1k import MNISTRotation1k, balanced_subset
 from dg_meta.datasets.rotation import ANGLES, rotated
 
+from dg_meta import registry
 from dg_meta.errors import UsageError
 from dg_meta.hparams import declared_hparams, resolve
 from dg_meta.networks import CrossGradLeNet, MNISTConvNet, MTAEEncoder, featurizer_for
@@ -148,3 +149,25 @@ def test_bench_runs_skips_finished_runs_and_writes_its_block(mnist_root, tmp_pat
     assert text.startswith("# Benchmarks\n\nkept\n") and text.count("<!-- paper-mnist-rotation-mmdaae:start -->") == 1
     assert "| ERM (ours) | " in text and "| MMDAAE (published) | – | 89.8 |" in text
     assert '"featurizer": "mtae_mlp"' in text and "| ERM | 1 | " in text
+
+
+def test_hparams_flag_sets_values_over_the_setups():
+    bench = _bench()
+    registry.discover()
+    args = bench.build_parser().parse_args(["--setup", "mmdaae", "--algorithms", "MMDAAE", "--test-envs", "0",
+                                            "--hparams", '{"adv_weight": 0.01, "batch_size": 8}'])
+    (run,) = bench.job_runs(args)
+    assert run["hparams"]["adv_weight"] == 0.01 and run["hparams"]["batch_size"] == 8
+    assert run["hparams"]["featurizer"] == "mtae_mlp" and run["hparams"]["mmd_weight"] == 0.1
+
+
+@pytest.mark.parametrize("hparams, message", [
+    ("{adv", "error: --hparams {adv: not JSON (Expecting property name enclosed in double quotes); give an object "
+             "such as '{\"adv_weight\": 0.01}'"),
+    ("[1]", "error: --hparams [1]: give a JSON object such as '{\"adv_weight\": 0.01}'"),
+])
+def test_bad_hparams_are_one_line_and_exit_code_2(hparams, message, tmp_path, capsys):
+    assert _bench().main(["--setup", "mmdaae", "--hparams", hparams, "--output-dir", str(tmp_path / "runs"),
+                          "--doc", str(tmp_path / "b.md")]) == 2
+    assert capsys.readouterr().err == message + "\n"
+    assert not any(tmp_path.iterdir())
