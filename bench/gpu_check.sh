@@ -15,6 +15,9 @@
 #                in 12 shards in parallel, then --collect-only writes OUT/dg_table.md.
 # domainbed_cmnist (~7 min, beside dg_table) bench/reproduce_domainbed.py: DomainBed's ColoredMNIST, ERM / IRM /
 #                VREx, every held-out domain, 3 trials, DomainBed's 5001 steps, both selection methods.
+# mmdaae_weights (~6 min) bench/paper_mnist_rotation.py --setup mmdaae: MMD-AAE on the six held-out domains with
+#                adversarial weight 0.01, and with 0.01 and MMD weight 1.0 (the two best settings of the held-out-0
+#                ablation in docs/benchmarks.md), side by side; tables in OUT/mmdaae_adv*.md.
 # Every result lands under OUT; OUT/gpu_results.tar.gz packs the records, `done` markers, JSON, tables and logs (no
 # checkpoints) and OUT/gpu_check.log is the whole log. Unpack the dg_table runs and tabulate them here with
 # `python bench/dg_table.py --datasets RotatedDigits --output-dir DIR/dg_table --collect-only`.
@@ -23,8 +26,9 @@ PARTS=("${@:3}")
 [ ${#PARTS[@]} -gt 0 ] || PARTS=(dg_table domainbed_cmnist)
 for name in "${PARTS[@]}"; do
   case $name in
-    speed|reproductions|dg_table|domainbed_cmnist) ;;
-    *) echo "error: unknown part $name: choose from speed reproductions dg_table domainbed_cmnist" >&2; exit 2 ;;
+    speed|reproductions|dg_table|domainbed_cmnist|mmdaae_weights) ;;
+    *) echo "error: unknown part $name: choose from speed reproductions dg_table domainbed_cmnist mmdaae_weights" >&2
+       exit 2 ;;
   esac
 done
 DATA_DIR=${1:-../shared/data}
@@ -83,6 +87,17 @@ domainbed_cmnist() {
   part domainbed_cmnist 450 "$PY" bench/reproduce_domainbed.py --data-dir "$DATA_DIR" --algorithms ERM IRM VREx \
     --datasets ColoredMNIST --trials 3 --workers 3 --time-limit 420 --output-dir "$WORK/domainbed_cmnist" \
     --doc "$WORK/domainbed_cmnist.md"
+}
+
+mmdaae_weights() {
+  local name hparams
+  for name in adv001 adv001_mmd1; do
+    hparams='{"adv_weight": 0.01}'
+    [ "$name" = adv001 ] || hparams='{"adv_weight": 0.01, "mmd_weight": 1.0}'
+    part "mmdaae_$name" 450 "$PY" bench/paper_mnist_rotation.py --setup mmdaae --algorithms MMDAAE --device cuda \
+      --hparams "$hparams" --data-dir "$DATA_DIR" --output-dir "$WORK/mmdaae_$name" --doc "$WORK/mmdaae_$name.md" &
+  done
+  wait
 }
 
 for name in "${PARTS[@]}"; do
