@@ -51,9 +51,9 @@ DOC = REPO / "docs" / "quality.md"
 SECTION = "mutation"
 SPEC_ENV = "DG_META_MUTANT"
 TARGET = 0.85
-# imported once by the worker, before any fork: what takes seconds to import (RotatedDigits uses sklearn); no
-# algorithm module, which the worker refuses to preload
-PRELOAD = ("torch", "torchvision", "sklearn.datasets", "pytest", "dg_meta.train")
+# imported once by the worker, before any fork: what takes seconds to import; no algorithm module, which the
+# worker refuses to preload
+PRELOAD = ("torch", "torchvision", "pytest", "dg_meta.train")
 
 # Each algorithm file's own fast tests (pytest node ids or files, relative to the repository root).
 TESTS: dict[str, list[str]] = {
