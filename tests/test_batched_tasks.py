@@ -252,11 +252,11 @@ def reptile(**overrides):
     return test_reptile.make(**overrides).double()
 
 
-@pytest.mark.parametrize("steps", [1, 5])
-def test_reptile_batched_inner_sgd_equals_the_loop_in_float64(steps):
+@pytest.mark.parametrize("steps,seeds", [(1, (1, 2, 3)), (5, (1, 2, 3)), (2, (1,))])  # a meta-batch of one too
+def test_reptile_batched_inner_sgd_equals_the_loop_in_float64(steps, seeds):
     import test_reptile
 
-    episodes = [test_reptile.episode(seed, query=2, dtype=torch.float64) for seed in (1, 2, 3)]
+    episodes = [test_reptile.episode(seed, query=2, dtype=torch.float64) for seed in seeds]
     results = {}
     for engine in ("loop", "batched"):
         algorithm = reptile(engine=engine, inner_optimizer="sgd", inner_steps=steps, inner_batch_size=5, lr=0.1)
@@ -284,6 +284,43 @@ def test_reptile_adapts_to_many_episodes_as_one_by_one(engine, optimizer):
     torch.manual_seed(2)
     for row, e in zip(together, episodes):
         assert torch.allclose(row, algorithm.adapt(e.support_x, e.support_y)(e.query_x), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("engine,optimizer,in_update,in_adapt", [
+    ("loop", "sgd", set(), set()), ("threads", "sgd", set(), {"threads_for"}),
+    ("batched", "sgd", {"_train_batched"}, {"_train_batched"}), ("batched", "adam", set(), {"threads_for"})])
+def test_reptile_engine_and_inner_optimizer_route_update_and_adapt_episodes(engine, optimizer, in_update, in_adapt,
+                                                                            monkeypatch):
+    """A spy on each path's entry point (the paths give the same numbers, so only this tells them apart): the
+    batched fold takes plain SGD only (Adam's moments pass from task to task), the meta-training of the threads
+    engine is the loop, and every path averages the adapted weights over processes once."""
+    import dg_meta.algorithms.reptile as reptile_module
+
+    calls = []
+    for owner, name in ((reptile_module, "threads_for"), (reptile_module.Reptile, "_train_batched"),
+                        (reptile_module.distributed, "mean_")):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    algorithm = reptile(engine=engine, inner_optimizer=optimizer, inner_steps=2, inner_steps_test=2)
+    assert algorithm.engine() == engine
+    episodes = reptile_episodes()
+    algorithm.update(episodes)
+    assert sorted(calls) == sorted([*in_update, "mean_"])
+    calls.clear()
+    predict = algorithm.adapt_episodes(torch.stack([e.support_x for e in episodes]),
+                                       torch.stack([e.support_y for e in episodes]))
+    assert predict(torch.stack([e.query_x for e in episodes])).shape == (2, 10, 5)
+    assert set(calls) == in_adapt
+
+
+def reptile_episodes() -> list:
+    import test_reptile
+
+    return [test_reptile.episode(seed, query=2, dtype=torch.float64) for seed in (1, 2)]
+
+
+def test_reptile_auto_engine_is_threads_on_the_cpu():
+    assert reptile(engine="auto").engine() == "threads"
 
 
 @pytest.mark.parametrize("name,engine", [("MAML", "batched"), ("MAML", "threads"), ("iMAML", "batched"),

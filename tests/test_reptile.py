@@ -71,6 +71,25 @@ def test_an_episode_of_another_way_is_refused_in_update_and_adapt():
     assert_other_way_refused(make(), episode(0, way=3), "Reptile")
 
 
+def test_data_parallel_declarations_refuse_only_the_inner_adam():
+    """The inner Adam's moments pass from task to task (one process's order); plain SGD tasks are independent."""
+    adam = make(inner_optimizer="adam")
+    assert adam.data_parallel_optimizers() == {}  # no optimizer of Reptile's is averaged by the training loop
+    assert adam.data_parallel_refusal() == (
+        "its inner Adam carries its moments from one task to the next (as the official code does), so the tasks of "
+        "a meta-batch cannot run on separate processes; set hparam inner_optimizer to sgd")
+    assert make(inner_optimizer="sgd").data_parallel_refusal() is None
+
+
+@pytest.mark.parametrize("engine", ["loop", "threads", "batched"])
+def test_an_episode_of_another_way_is_refused_by_adapt_episodes(engine):
+    e = episode(0, way=3)
+    with pytest.raises(UsageError) as info:
+        make(engine=engine).adapt_episodes(e.support_x.unsqueeze(0), e.support_y.unsqueeze(0))
+    assert str(info.value) == ("Reptile's head has n_way=5 outputs but the episode has 3 classes: set --fs-way to "
+                               "n_way or hparam n_way to 3")
+
+
 def test_minibatches_cycle_through_permutations():
     torch.manual_seed(0)
     batches = minibatch_indices(6, 4, 3)
