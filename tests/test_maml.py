@@ -101,10 +101,11 @@ def test_two_updates_are_adam_steps_on_the_mean_second_order_meta_gradient(engin
             assert torch.allclose(p, q, rtol=0, atol=1e-8)
 
 
-def test_vmap_path_takes_a_meta_batch_of_one_task():
+@pytest.mark.parametrize("engine", ["vmap", "batched"])
+def test_stacked_engines_take_a_meta_batch_of_one_task(engine):
     e = episode(torch.Generator().manual_seed(9), dtype=torch.float64, shape=(1, 16, 16))
     loop = meta_grads(make(shape=(1, 16, 16), first_order=True).double(), [e])
-    assert max_diff(loop, meta_grads(make(shape=(1, 16, 16), first_order=True, engine="vmap").double(), [e])) < 1e-10
+    assert max_diff(loop, meta_grads(make(shape=(1, 16, 16), first_order=True, engine=engine).double(), [e])) < 1e-10
 
 
 def test_second_order_meta_gradient_equals_higher():
