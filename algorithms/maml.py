@@ -54,9 +54,9 @@ class MAML(EpisodicAlgorithm):
     The network is ``Conv4`` with ``BatchNorm(track_running_stats=False)`` (transductive batch statistics
     in training and evaluation, no running averages, as in MAML; max-pooling where the paper's Omniglot
     network used strided convolutions) and an ``n_way`` linear head. Defaults
-    are the 5-way Omniglot ones: alpha 0.4, one inner step in training and three at test time, meta-batch 32
-    (the paper's section 5.2; the official README's command github.com/cbfinn/maml ``--update_lr=0.4
-    --num_updates=1 --meta_batch_size=32``), meta lr 1e-3 with Adam (``main.py``'s ``meta_lr`` default).
+    are the 5-way Omniglot ones of the usage command atop the official ``main.py`` (github.com/cbfinn/maml:
+    ``--update_lr=0.4 --num_updates=1 --meta_batch_size=32``) and its ``meta_lr`` default (1e-3, Adam); three
+    inner steps at test time are ours (that ``main.py`` tests Omniglot with ``test_num_updates = 10``).
     ``engine`` chooses how the meta-batch is computed (same meta-gradient: ``tests/test_batched_tasks.py``);
     evaluation adapts to many test episodes at once through the same engine (``adapt_episodes``).
     """
