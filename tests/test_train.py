@@ -102,19 +102,21 @@ def _wait_for(path, proc, timeout=120):
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
-    argv = short(tmp_path / "killed")
-    argv[3] = "40"
+    def argv_of(out):  # 40 steps, a checkpoint every 20, small batches: the kill lands between the two checkpoints
+        argv = short(out, "--hparams", '{"batch_size": 4}')
+        argv[3], argv[5] = "40", "20"
+        return argv
+
+    argv = argv_of(tmp_path / "killed")
     proc = subprocess.Popen([sys.executable, "-m", "dg_meta.train", *argv], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(tmp_path / "killed" / "checkpoint.pt", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed_from = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["step"]
-    assert resumed_from < 40
+    assert resumed_from == 20
     assert main(argv) == 0
-    straight = short(tmp_path / "straight")
-    straight[3] = "40"
-    assert main(straight) == 0
+    assert main(argv_of(tmp_path / "straight")) == 0
     assert untimed(records(tmp_path / "killed")) == untimed(records(tmp_path / "straight"))
 
 
