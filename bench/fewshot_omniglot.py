@@ -1,4 +1,4 @@
-"""Few-shot Omniglot benchmark of every registered meta-learner on the reduced background sets.
+"""Few-shot Omniglot benchmark of every registered few-shot learner on the reduced background sets.
 
 Each meta-learner (every registered algorithm with ``batch_kind == "episodes"``, Conv-4 on 28x28) is
 meta-trained, once per setting (5-way 1-shot, 5-way 5-shot, 20-way 1-shot, training way and shot equal
@@ -6,7 +6,10 @@ to the test ones), on episodes over all classes of ``images_background_small1`` 
 as extra classes), for ``--steps`` steps or ``--minutes`` minutes, whichever ends first. The training
 episodes are exactly those of ``python -m dg_meta.train --dataset OmniglotSmall --seed SEED`` (the same
 ``dg_meta.samplers.training_episode_sampler``, in split and protocol: the CLI's default ``--trial-seed``
-and ``--holdout-fraction``, and OmniglotSmall's ``class_pool``). It is then
+and ``--holdout-fraction``, and OmniglotSmall's ``class_pool``). The few-shot learners trained on ordinary
+minibatches over all training classes (``FewShotPretrain`` and its subclasses: Baseline, Baseline++, RFS)
+train once, on the CLI's minibatches (``training_minibatch_sampler``), with the same budget, and that model
+is scored in every setting (their training does not depend on way or shot). Each model is then
 scored on ``--episodes`` test episodes (15 queries per class) over the unrotated characters of the
 small2 alphabets that small1 lacks (Japanese (katakana), Sanskrit, Tagalog): mean accuracy and 95% CI.
 The 20-way 1-shot model is also scored on the official 20 within-alphabet one-shot runs (error rate).
@@ -26,8 +29,10 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from dg_meta.algorithms.fewshot_pretrain import FewShotPretrain
 from dg_meta.datasets.omniglot import OmniglotSmall, OneShotRun, load_one_shot_runs
 
 from dg_meta import registry
@@ -36,7 +41,7 @@ from dg_meta.atomic import atomic_write_text
 from dg_meta.errors import UsageError
 from dg_meta.evaluation import episode_accuracy
 from dg_meta.hparams import declared_hparams, name_seed, parse_overrides, resolve
-from dg_meta.samplers import EpisodeSampler, split_cells, training_episode_sampler
+from dg_meta.samplers import EpisodeSampler, split_cells, training_episode_sampler, training_minibatch_sampler
 from dg_meta.splits import DomainSplits
 from dg_meta.train import build_parser
 
@@ -56,6 +61,15 @@ MARKER = "fewshot-omniglot"
 
 def meta_learners() -> list[str]:
     return [n for n in registry.algorithm_names() if registry.get_algorithm(n).batch_kind == "episodes"]
+
+
+def minibatch_learners() -> list[str]:
+    """The few-shot learners trained on minibatches: ``FewShotPretrain`` and its subclasses."""
+    return [n for n in registry.algorithm_names() if issubclass(registry.get_algorithm(n), FewShotPretrain)]
+
+
+def few_shot_learners() -> list[str]:
+    return sorted(meta_learners() + minibatch_learners())
 
 
 def splits_of(dataset: OmniglotSmall) -> DomainSplits:
@@ -84,6 +98,14 @@ def one_shot_error(algorithm: Algorithm, runs: list[OneShotRun], device: torch.d
     return sum(errors) / len(errors)
 
 
+class Trained(NamedTuple):
+    """A trained model with its training steps and seconds."""
+
+    algorithm: Algorithm
+    steps: int
+    train_s: float
+
+
 def cell_key(name: str, setting: str, args: argparse.Namespace) -> dict:
     """What defines one (algorithm, setting) cell: a stored result is reused only if all of it matches."""
     return {"algorithm": name, "setting": setting, "steps_limit": args.steps, "minutes": args.minutes,
@@ -95,25 +117,41 @@ def load_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def train_and_test(key: dict, dataset: OmniglotSmall, runs: list[OneShotRun] | None, args: argparse.Namespace,
-                   device: torch.device) -> dict:
-    """Meta-train and test the cell ``key`` (see ``cell_key``); return its stored result."""
+def train(key: dict, dataset: OmniglotSmall, args: argparse.Namespace, device: torch.device) -> Trained:
+    """Train the cell ``key``'s algorithm within the budget: a meta-learner on its setting's episodes, a
+    minibatch learner on the CLI's minibatches (the same model for every setting)."""
     name, setting = key["algorithm"], key["setting"]
-    n_way, k_shot = SETTINGS[setting]
     cls = registry.get_algorithm(name)
-    overrides = {**key["hparams"], "n_way": n_way, "k_shot": k_shot}
+    episodic = cls.batch_kind == "episodes"
+    n_way, k_shot = SETTINGS[setting]
+    overrides = {**key["hparams"], **({"n_way": n_way, "k_shot": k_shot} if episodic else {})}
     hparams = resolve(declared_hparams(OmniglotSmall, cls), 0, overrides)
-    torch.manual_seed(name_seed(args.seed, f"init-{name}-{setting}"))
+    torch.manual_seed(name_seed(args.seed, f"init-{name}-{setting}" if episodic else f"init-{name}"))
     algorithm = cls(dataset.input_shape, dataset.num_classes, len(TRAIN_ENVS), hparams).to(device)
     splits = splits_of(dataset)
-    algorithm.set_training_classes(split_cells(dataset, splits, TRAIN_ENVS, "in"))
-    sampler = training_episode_sampler(dataset, splits, dataset.EPISODE_PROTOCOL, n_way, k_shot, hparams["n_query"],
-                                       args.seed)
+    if episodic:
+        algorithm.set_training_classes(split_cells(dataset, splits, TRAIN_ENVS, "in"))
+        episodes = training_episode_sampler(dataset, splits, dataset.EPISODE_PROTOCOL, n_way, k_shot,
+                                            hparams["n_query"], args.seed)
+        next_batch = lambda: [next(episodes) for _ in range(hparams["meta_batch_size"])]  # noqa: E731
+    else:
+        minibatches = training_minibatch_sampler(dataset, splits, hparams["batch_size"], args.seed)
+        next_batch = lambda: next(minibatches)  # noqa: E731
     start, steps = time.perf_counter(), 0
     while steps < args.steps and time.perf_counter() - start < 60 * args.minutes:
-        algorithm.update([next(sampler) for _ in range(hparams["meta_batch_size"])])
+        algorithm.update(next_batch())
         steps += 1
-    train_s = time.perf_counter() - start
+    return Trained(algorithm, steps, time.perf_counter() - start)
+
+
+def train_and_test(key: dict, dataset: OmniglotSmall, runs: list[OneShotRun] | None, args: argparse.Namespace,
+                   device: torch.device, trained: Trained | None = None) -> dict:
+    """Train (unless ``trained`` is given: a minibatch learner's model, shared by its settings) and test the cell
+    ``key`` (see ``cell_key``); return its stored result."""
+    setting = key["setting"]
+    n_way, k_shot = SETTINGS[setting]
+    trained = train(key, dataset, args, device) if trained is None else trained
+    algorithm, steps, train_s = trained
     test = held_out_sampler(dataset, n_way, k_shot, name_seed(args.seed, f"test-{setting}"))
     acc, ci = episode_accuracy(algorithm, test, args.episodes)
     result = {**key, "acc": acc, "ci95": ci, "steps": steps, "train_s": train_s,
@@ -128,7 +166,9 @@ def markdown(results: list[dict], names: list[str], args: argparse.Namespace, de
         SECTION, "",
         f"`python bench/fewshot_omniglot.py --steps {args.steps} --minutes {args.minutes} --episodes {args.episodes}` "
         f"({time.strftime('%Y-%m-%d')}, {device.type}, torch {torch.__version__}, Python {platform.python_version()}). "
-        f"Meta-trained on the in split ({100 * (1 - HOLDOUT_FRACTION):.0f}%, as `dg_meta.train` uses) of "
+        "Meta-learners are trained per setting on episodes; FewShotPretrain and its subclasses (Baseline, "
+        "Baseline++, RFS) once on minibatches over all training classes, that model scored in every setting. "
+        f"Trained on the in split ({100 * (1 - HOLDOUT_FRACTION):.0f}%, as `dg_meta.train` uses) of "
         "images_background_small1 (5 alphabets, rotations as classes), episodes pooling its classes; tested on "
         "the unrotated characters of Japanese (katakana), Sanskrit and Tagalog; accuracy % with 95% CI over "
         f"{args.episodes} episodes (15 queries per class); error % on the official 20 within-alphabet "
@@ -158,7 +198,7 @@ def markdown(results: list[dict], names: list[str], args: argparse.Namespace, de
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default="../shared/data", help="folder holding omniglot/images_background_small*")
-    p.add_argument("--algorithms", nargs="+", default=None, help="default: every registered meta-learner")
+    p.add_argument("--algorithms", nargs="+", default=None, help="default: every registered few-shot learner")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--steps", type=int, default=100000, help="training steps per algorithm and setting")
     p.add_argument("--minutes", type=float, default=3.0, help="training minutes per algorithm and setting")
@@ -173,22 +213,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="write the table from the stored cells and train nothing (missing cells: 'not run')")
     args = p.parse_args(argv)
     try:
-        names = args.algorithms or meta_learners()
+        names = args.algorithms or few_shot_learners()
         overrides = parse_overrides(args.hparams)
         if not args.algorithms and "LastShot" in names and not overrides.get("LastShot", {}).get("teacher_run"):
             names.remove("LastShot")
             print("LastShot left out: it needs a finished pretraining run as teacher, --hparams "
                   "'{\"LastShot\": {\"teacher_run\": RUN_DIR}}' (bench/lastshot_teacher.py makes one)", file=sys.stderr)
         for name in names:
-            if registry.get_algorithm(name).batch_kind != "episodes":
-                raise UsageError(f"{name} is not a meta-learner (batch_kind 'episodes'): choose from "
-                                 f"{', '.join(meta_learners())}")
+            if name not in few_shot_learners():
+                raise UsageError(f"{name} is not a few-shot learner (a meta-learner or FewShotPretrain's family): "
+                                 f"choose from {', '.join(few_shot_learners())}")
         device = torch.device(args.device)
         results_path = Path(args.results)
         stored = load_results(results_path)
         data: tuple[OmniglotSmall, list[OneShotRun] | None] | None = None
         results = []
         for name in names:
+            shared: Trained | None = None  # a minibatch learner's model, trained once for all its settings
             for setting in args.settings:
                 key = cell_key(name, setting, args)
                 done = [r for r in stored if all(r.get(k) == v for k, v in key.items())]
@@ -199,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                     data = (OmniglotSmall(args.data_dir, {"rotation_classes": True}).to(device),
                             load_one_shot_runs(args.data_dir) if "20w1s" in args.settings else None)
                 dataset, runs = data
-                results.append(train_and_test(key, dataset, runs, args, device))
+                if shared is None and name in minibatch_learners():
+                    shared = train(key, dataset, args, device)
+                results.append(train_and_test(key, dataset, runs, args, device, shared))
                 stored.append(results[-1])
                 results_path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(results_path, "".join(json.dumps(r) + "\n" for r in stored))

@@ -4,7 +4,7 @@ Both paths train the same model (``dg_meta.algorithms.ERM``: DomainBed's MNIST C
 batches of ``--batch-size`` examples from each of the 5 training domains (held-out domain 0, DomainBed's
 80/20 in/out split), in one process, from the same initialisation:
 
-- ``memory``: the training loop's own path, a ``DomainBatchSampler`` over the domains' tensors, which live
+- ``memory``: the training loop's own path, its ``DomainBatchSampler`` over the domains' tensors, which live
   on ``--device`` (indices drawn on the CPU, examples gathered on the device), and the model in the layout the
   loop gives it (``Algorithm.use_fast_layout``: channels_last for DG image models);
 - ``dataloader``: what DomainBed does, one ``torch.utils.data.DataLoader`` per domain over a
@@ -44,7 +44,7 @@ from dg_meta.atomic import atomic_write_text
 from dg_meta.dataset import MultiDomainDataset, TensorDomain
 from dg_meta.errors import UsageError
 from dg_meta.hparams import declared_hparams, name_seed, resolve
-from dg_meta.samplers import DomainBatchSampler
+from dg_meta.samplers import training_minibatch_sampler
 from dg_meta.splits import DomainSplits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,10 +112,7 @@ class Bench:
         return algorithm.use_fast_layout() if fast_layout else algorithm
 
     def memory_batches(self) -> Callable[[], Batch]:
-        envs = self.splits.train_envs
-        sampler = DomainBatchSampler([self.dataset.domains[e].for_training() for e in envs],
-                                     [self.splits.in_idx[e] for e in envs], self.args.batch_size,
-                                     name_seed(0, "sampler"))
+        sampler = training_minibatch_sampler(self.dataset, self.splits, self.args.batch_size, seed=0)
         return lambda: next(sampler)
 
     def dataloader_batches(self) -> Callable[[], Batch]:

@@ -216,6 +216,17 @@ def training_episode_sampler(dataset: MultiDomainDataset, splits: DomainSplits, 
     return EpisodeSampler(cells, n_way, k_shot, n_query, name_seed(seed, "sampler"), protocol)
 
 
+def training_minibatch_sampler(dataset: MultiDomainDataset, splits: DomainSplits, batch_size: int, seed: int,
+                               purpose: str = "sampler", part: Callable[[int], slice] | None = None
+                               ) -> DomainBatchSampler:
+    """The training minibatches of a run seeded ``seed``: ``batch_size`` examples of every training domain's ``in``
+    split, with its training-time augmentation, from the stream ``name_seed(seed, purpose)``; ``part`` as in
+    ``DomainBatchSampler``."""
+    envs = splits.train_envs
+    return DomainBatchSampler([dataset.domains[e].for_training() for e in envs], [splits.in_idx[e] for e in envs],
+                              batch_size, name_seed(seed, purpose), part)
+
+
 @dataclass
 class EvaluationPool:
     """The cells one few-shot metric draws its episodes from; ``label`` names them in messages."""

@@ -48,6 +48,7 @@ from dg_meta.samplers import (
     evaluation_pools,
     split_cells,
     training_episode_sampler,
+    training_minibatch_sampler,
 )
 from dg_meta.splits import DomainSplits, check_test_envs
 from dg_meta.swad import SWAD
@@ -238,12 +239,10 @@ class Trainer:
     def _domain_sampler(self, purpose: str, sharded: bool = False) -> DomainBatchSampler:
         """Minibatches of every training domain's ``in`` split, seeded by the run's seed and ``purpose``; with
         ``sharded``, on several processes, this process's share of each (``dg_meta.distributed.shard``)."""
-        train_envs = self.splits.train_envs
         part = (lambda n: distributed.shard(n, "a training domain's minibatch")) \
             if sharded and distributed.world_size() > 1 else None
-        return DomainBatchSampler([self.dataset.domains[e].for_training() for e in train_envs],
-                                  [self.splits.in_idx[e] for e in train_envs], self.run["hparams"]["batch_size"],
-                                  name_seed(self.run["seed"], purpose), part)
+        return training_minibatch_sampler(self.dataset, self.splits, self.run["hparams"]["batch_size"],
+                                          self.run["seed"], purpose, part)
 
     def next_batch(self) -> Any:
         """The next training batch, or on several processes this process's share of it (the tasks of its block

@@ -137,6 +137,33 @@ def test_fewshot_omniglot_table_and_resume(tmp_path, monkeypatch):
     assert "| MatchingNet | not run |  |  |  |  |" in doc.read_text()
 
 
+def test_fewshot_omniglot_trains_a_minibatch_learner_once_for_all_its_settings(tmp_path, monkeypatch, capsys):
+    from test_fewshot_data import SMALL1_ALPHABETS, SMALL2_ONLY_ALPHABETS, write_alphabets
+
+    fewshot = _load("fewshot_omniglot")
+    assert {"Baseline", "BaselinePlusPlus", "RFS", "FewShotPretrain", "ProtoNet"} <= set(fewshot.few_shot_learners())
+    assert "ERM" not in fewshot.few_shot_learners()
+    data = tmp_path / "data"
+    write_alphabets(data / "images_background_small1", SMALL1_ALPHABETS, 2, 8)  # 80% in split: 6 per class
+    write_alphabets(data / "images_background_small2", ["Greek"] + SMALL2_ONLY_ALPHABETS, 2, 20)  # 5 shots + 15 queries
+    trainings = []
+    train = fewshot.train
+    monkeypatch.setattr(fewshot, "train", lambda key, *a: trainings.append(key["setting"]) or train(key, *a))
+    argv = ["--data-dir", str(data), "--algorithms", "Baseline", "ProtoNet", "--settings", "5w1s", "5w5s",
+            "--steps", "2", "--episodes", "2", "--device", "cpu", "--hparams", '{"ProtoNet": {"n_query": 1}}',
+            "--output", str(tmp_path / "doc.md"), "--results", str(tmp_path / "cells.jsonl")]
+    assert fewshot.main(argv) == 0
+    assert trainings == ["5w1s", "5w1s", "5w5s"]  # Baseline once, ProtoNet once per setting
+    cells = [json.loads(line) for line in (tmp_path / "cells.jsonl").read_text().splitlines()]
+    baseline = [c for c in cells if c["algorithm"] == "Baseline"]
+    assert [c["setting"] for c in baseline] == ["5w1s", "5w5s"] and {c["steps"] for c in baseline} == {2}
+    assert baseline[0]["train_s"] == baseline[1]["train_s"]  # one training, scored twice
+    capsys.readouterr()
+    assert fewshot.main([*argv[:3], "ERM", *argv[5:]]) == 2
+    assert capsys.readouterr().err.startswith("error: ERM is not a few-shot learner (a meta-learner or "
+                                              "FewShotPretrain's family): choose from ")
+
+
 irm_cmnist = _load("irm_colored_mnist")
 
 

@@ -193,3 +193,21 @@ def test_bench_draws_the_cli_training_episodes(tmp_path, monkeypatch):
     other = bench_episodes(bench, trainer.dataset, seed=4, steps=1, monkeypatch=monkeypatch)
     assert not torch.equal(other[0][0].support_x, cli[0][0].support_x)
 
+
+
+def test_bench_feeds_minibatch_learners_the_cli_training_minibatches(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    write_alphabets(data / "images_background_small1", SMALL1_ALPHABETS, 3, 8)
+    write_alphabets(data / "images_background_small2", ["Greek"] + SMALL2_ONLY_ALPHABETS, 3, 16)
+    bench = load_bench()
+    run = resolve_run(parse_args(["--algorithm", "Baseline", "--dataset", "OmniglotSmall", "--seed", "3",
+                                  "--data-dir", str(data)]))
+    trainer = Trainer(run, str(data), tmp_path / "run", "cpu")
+    cli = [trainer.next_batch() for _ in range(3)]
+    fed = []
+    monkeypatch.setattr(registry.get_algorithm("Baseline"), "update", lambda self, batch: fed.append(batch) or {})
+    args = argparse.Namespace(steps=3, minutes=10.0, episodes=1, seed=3, hparams=None, device="cpu")
+    bench.train(bench.cell_key("Baseline", "5w1s", args), trainer.dataset, args, torch.device("cpu"))
+    assert len(fed) == len(cli) == 3
+    for ours, theirs in zip(fed, cli):
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ours, theirs, strict=True))
