@@ -18,6 +18,7 @@ the batches an uninterrupted run would.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -213,6 +214,11 @@ def training_episode_sampler(dataset: MultiDomainDataset, splits: DomainSplits, 
     training-time augmentation, drawn under ``protocol`` from the stream ``name_seed(seed, "sampler")``."""
     cells = [Cell(c.domain.for_training(), c.domain_id, c.class_id, c.indices)
              for c in split_cells(dataset, splits, splits.train_envs, "in")]
+    short = sum(len(c.indices) < k_shot + n_query for c in cells)
+    if short:  # EpisodeSampler leaves them out: say so, the class pool shrinks
+        print(f"warning: {short} of {len(cells)} training (domain, class) cells have fewer than k_shot + n_query = "
+              f"{k_shot + n_query} examples in the in split and are left out of the training episodes; lower "
+              "hparam n_query or k_shot to keep them", file=sys.stderr)
     return EpisodeSampler(cells, n_way, k_shot, n_query, name_seed(seed, "sampler"), protocol)
 
 

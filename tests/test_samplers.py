@@ -110,3 +110,23 @@ def test_meta_domain_split_and_stack():
     sampler = EpisodeSampler(cells_of(make_domains()), 5, 1, 2, seed=0)
     batch = stack_episodes([next(sampler) for _ in range(4)])
     assert batch.support_x.shape == (4, 5, 2) and batch.query_y.shape == (4, 10)
+
+
+def test_training_episodes_say_in_one_line_which_cells_are_too_small_for_them(capsys):
+    from dg_meta.datasets.digits import RotatedDigits
+
+    from dg_meta.samplers import split_cells, training_episode_sampler
+
+    dataset = RotatedDigits("unused", {})
+    splits = dataset.split([0], 0, 0.2)
+    sizes = [len(c.indices) for c in split_cells(dataset, splits, splits.train_envs, "in")]
+    need = sorted(sizes)[len(sizes) // 2]  # about half the cells are smaller
+    short = sum(s < need for s in sizes)
+    assert 0 < short < len(sizes)
+    training_episode_sampler(dataset, splits, "per_domain", 5, 1, need - 1, seed=0)
+    assert capsys.readouterr().err == (
+        f"warning: {short} of {len(sizes)} training (domain, class) cells have fewer than k_shot + n_query = {need} "
+        "examples in the in split and are left out of the training episodes; lower hparam n_query or k_shot to keep "
+        "them\n")
+    training_episode_sampler(dataset, splits, "per_domain", 5, 1, min(sizes) - 1, seed=0)
+    assert capsys.readouterr().err == ""
