@@ -219,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
             names.remove("LastShot")
             print("LastShot left out: it needs a finished pretraining run as teacher, --hparams "
                   "'{\"LastShot\": {\"teacher_run\": RUN_DIR}}' (bench/lastshot_teacher.py makes one)", file=sys.stderr)
+        learners, by_minibatches = few_shot_learners(), minibatch_learners()
         for name in names:
-            if name not in few_shot_learners():
+            if name not in learners:
                 raise UsageError(f"{name} is not a few-shot learner (a meta-learner or FewShotPretrain's family): "
-                                 f"choose from {', '.join(few_shot_learners())}")
+                                 f"choose from {', '.join(learners)}")
         device = torch.device(args.device)
         results_path = Path(args.results)
         stored = load_results(results_path)
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                     data = (OmniglotSmall(args.data_dir, {"rotation_classes": True}).to(device),
                             load_one_shot_runs(args.data_dir) if "20w1s" in args.settings else None)
                 dataset, runs = data
-                if shared is None and name in minibatch_learners():
+                if shared is None and name in by_minibatches:
                     shared = train(key, dataset, args, device)
                 results.append(train_and_test(key, dataset, runs, args, device, shared))
                 stored.append(results[-1])

@@ -127,6 +127,7 @@ class EpisodeSampler(_Seeded):
         if n_way < 1 or k_shot < 1 or n_query < 1:
             raise UsageError(f"episodes need n_way, k_shot, n_query >= 1, got {n_way}, {k_shot}, {n_query}")
         self.cells = [c for c in cells if len(c.indices) >= k_shot + n_query]
+        self.left_out = len(cells) - len(self.cells)  # cells too small for one class of an episode
         self.n_way, self.k_shot, self.n_query = n_way, k_shot, n_query
         same_domain = protocol == "per_domain"
         groups: dict[int, list[int]] = {}
@@ -214,12 +215,12 @@ def training_episode_sampler(dataset: MultiDomainDataset, splits: DomainSplits, 
     training-time augmentation, drawn under ``protocol`` from the stream ``name_seed(seed, "sampler")``."""
     cells = [Cell(c.domain.for_training(), c.domain_id, c.class_id, c.indices)
              for c in split_cells(dataset, splits, splits.train_envs, "in")]
-    short = sum(len(c.indices) < k_shot + n_query for c in cells)
-    if short:  # EpisodeSampler leaves them out: say so, the class pool shrinks
-        print(f"warning: {short} of {len(cells)} training (domain, class) cells have fewer than k_shot + n_query = "
-              f"{k_shot + n_query} examples in the in split and are left out of the training episodes; lower "
-              "hparam n_query or k_shot to keep them", file=sys.stderr)
-    return EpisodeSampler(cells, n_way, k_shot, n_query, name_seed(seed, "sampler"), protocol)
+    sampler = EpisodeSampler(cells, n_way, k_shot, n_query, name_seed(seed, "sampler"), protocol)
+    if sampler.left_out:  # the training class pool shrinks: say so
+        print(f"warning: {sampler.left_out} of {len(cells)} training (domain, class) cells have fewer than k_shot + "
+              f"n_query = {k_shot + n_query} examples in the in split and are left out of the training episodes; "
+              "lower hparam n_query or k_shot to keep them", file=sys.stderr)
+    return sampler
 
 
 def training_minibatch_sampler(dataset: MultiDomainDataset, splits: DomainSplits, batch_size: int, seed: int,
