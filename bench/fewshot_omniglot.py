@@ -6,7 +6,10 @@ to the test ones), on episodes over all classes of ``images_background_small1`` 
 as extra classes), for ``--steps`` steps or ``--minutes`` minutes, whichever ends first. The training
 episodes are exactly those of ``python -m dg_meta.train --dataset OmniglotSmall --seed SEED`` (the same
 ``dg_meta.samplers.training_episode_sampler``, in split and protocol: the CLI's default ``--trial-seed``
-and ``--holdout-fraction``, and OmniglotSmall's ``class_pool``). The few-shot learners trained on ordinary
+and ``--holdout-fraction``, and OmniglotSmall's ``class_pool``), with one exception: a meta-learner's ``n_query``
+is capped so that every training class can fill an episode (``training_n_query``; the in split keeps 11 to 20
+of a character's 20 drawings, and the sampler leaves out the classes with fewer than ``k_shot + n_query``
+examples, at 5-shot with ``n_query`` 15 all but 7 of the 544). The few-shot learners trained on ordinary
 minibatches over all training classes (``FewShotPretrain`` and its subclasses: Baseline, Baseline++, RFS)
 train once, on the CLI's minibatches (``training_minibatch_sampler``), with the same budget, and that model
 is scored in every setting (their training does not depend on way or shot). Each model is then
@@ -106,10 +109,24 @@ class Trained(NamedTuple):
     train_s: float
 
 
-def cell_key(name: str, setting: str, args: argparse.Namespace) -> dict:
+def training_n_query(name: str, setting: str, dataset: OmniglotSmall, overrides: dict) -> int | None:
+    """The queries per class a meta-learner trains with in ``setting``: its ``n_query`` hparam, capped at what the
+    smallest training (domain, class) cell of the in split leaves after ``k_shot`` support examples, so that no
+    training class is left out of the episodes; ``None`` for a minibatch learner."""
+    cls = registry.get_algorithm(name)
+    if cls.batch_kind != "episodes":
+        return None
+    smallest = min(len(c.indices) for c in split_cells(dataset, splits_of(dataset), TRAIN_ENVS, "in"))
+    k_shot = SETTINGS[setting][1]
+    return min(resolve(declared_hparams(OmniglotSmall, cls), 0, overrides)["n_query"], max(1, smallest - k_shot))
+
+
+def cell_key(name: str, setting: str, args: argparse.Namespace, dataset: OmniglotSmall) -> dict:
     """What defines one (algorithm, setting) cell: a stored result is reused only if all of it matches."""
+    overrides = parse_overrides(args.hparams).get(name, {})
     return {"algorithm": name, "setting": setting, "steps_limit": args.steps, "minutes": args.minutes,
-            "episodes": args.episodes, "seed": args.seed, "hparams": parse_overrides(args.hparams).get(name, {}),
+            "episodes": args.episodes, "seed": args.seed, "hparams": overrides,
+            "n_query": training_n_query(name, setting, dataset, overrides),
             "device": torch.device(args.device).type, "holdout_fraction": HOLDOUT_FRACTION}
 
 
@@ -124,7 +141,8 @@ def train(key: dict, dataset: OmniglotSmall, args: argparse.Namespace, device: t
     cls = registry.get_algorithm(name)
     episodic = cls.batch_kind == "episodes"
     n_way, k_shot = SETTINGS[setting]
-    overrides = {**key["hparams"], **({"n_way": n_way, "k_shot": k_shot} if episodic else {})}
+    overrides = {**key["hparams"], **({"n_way": n_way, "k_shot": k_shot, "n_query": key["n_query"]}
+                                      if episodic else {})}
     hparams = resolve(declared_hparams(OmniglotSmall, cls), 0, overrides)
     torch.manual_seed(name_seed(args.seed, f"init-{name}-{setting}" if episodic else f"init-{name}"))
     algorithm = cls(dataset.input_shape, dataset.num_classes, len(TRAIN_ENVS), hparams).to(device)
@@ -172,9 +190,11 @@ def markdown(results: list[dict], names: list[str], args: argparse.Namespace, de
         "images_background_small1 (5 alphabets, rotations as classes), episodes pooling its classes; tested on "
         "the unrotated characters of Japanese (katakana), Sanskrit and Tagalog; accuracy % with 95% CI over "
         f"{args.episodes} episodes (15 queries per class); error % on the official 20 within-alphabet "
-        "one-shot runs with the 20-way 1-shot model; training steps (minutes, CPU threads) per setting.", "",
-        "| algorithm | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot | 20 runs error | steps (min, threads) |",
-        "|---|---|---|---|---|---|",
+        "one-shot runs with the 20-way 1-shot model; training steps (minutes, CPU threads) and training queries "
+        "per class (a meta-learner's `n_query`, capped so that every training class fills an episode) per setting.",
+        "", "| algorithm | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot | 20 runs error | steps (min, threads) "
+        "| training queries |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in names:
         row = {r["setting"]: r for r in results if r["algorithm"] == name}
@@ -183,7 +203,9 @@ def markdown(results: list[dict], names: list[str], args: argparse.Namespace, de
         error = row.get("20w1s", {}).get("one_shot_runs_error")
         budget = " / ".join(f"{row[s]['steps']} ({row[s]['train_s'] / 60:.1f}, {row[s].get('threads') or 'GPU'})"
                             for s in SETTINGS if s in row)
-        lines.append(f"| {name} | {' | '.join(cells)} | {'' if error is None else f'{100 * error:.1f}'} | {budget} |")
+        queries = " / ".join(str(row[s]["n_query"] or "-") for s in SETTINGS if s in row)
+        lines.append(f"| {name} | {' | '.join(cells)} | {'' if error is None else f'{100 * error:.1f}'} | {budget} "
+                     f"| {queries} |")
     lines.append("")
     missing = len(names) * len(args.settings) - len(results)
     if missing:
@@ -210,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(Path(__file__).resolve().parent / "results" / "fewshot_omniglot.jsonl"),
                    help="finished cells, reused when their budget, episodes, seed and hparams match")
     p.add_argument("--collect-only", action="store_true",
-                   help="write the table from the stored cells and train nothing (missing cells: 'not run')")
+                   help="write the table from the stored cells and train nothing (missing cells: 'not run'); "
+                   "the data is still read, for each cell's training n_query")
     args = p.parse_args(argv)
     try:
         names = args.algorithms or few_shot_learners()
@@ -227,20 +250,19 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
         results_path = Path(args.results)
         stored = load_results(results_path)
-        data: tuple[OmniglotSmall, list[OneShotRun] | None] | None = None
+        dataset = OmniglotSmall(args.data_dir, {"rotation_classes": True}).to(device)
+        runs: list[OneShotRun] | None = None
         results = []
         for name in names:
             shared: Trained | None = None  # a minibatch learner's model, trained once for all its settings
             for setting in args.settings:
-                key = cell_key(name, setting, args)
+                key = cell_key(name, setting, args, dataset)
                 done = [r for r in stored if all(r.get(k) == v for k, v in key.items())]
                 if done or args.collect_only:
                     results += done[-1:]
                     continue
-                if data is None:
-                    data = (OmniglotSmall(args.data_dir, {"rotation_classes": True}).to(device),
-                            load_one_shot_runs(args.data_dir) if "20w1s" in args.settings else None)
-                dataset, runs = data
+                if runs is None and "20w1s" in args.settings:
+                    runs = load_one_shot_runs(args.data_dir)
                 if shared is None and name in by_minibatches:
                     shared = train(key, dataset, args, device)
                 results.append(train_and_test(key, dataset, runs, args, device, shared))
