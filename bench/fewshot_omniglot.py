@@ -109,24 +109,29 @@ class Trained(NamedTuple):
     train_s: float
 
 
-def training_n_query(name: str, setting: str, dataset: OmniglotSmall, overrides: dict) -> int | None:
+def smallest_training_cell(dataset: OmniglotSmall) -> int:
+    """Examples in the smallest training (domain, class) cell of the in split."""
+    return min(len(c.indices) for c in split_cells(dataset, splits_of(dataset), TRAIN_ENVS, "in"))
+
+
+def training_n_query(name: str, setting: str, smallest: int, overrides: dict) -> int | None:
     """The queries per class a meta-learner trains with in ``setting``: its ``n_query`` hparam, capped at what the
-    smallest training (domain, class) cell of the in split leaves after ``k_shot`` support examples, so that no
-    training class is left out of the episodes; ``None`` for a minibatch learner."""
+    smallest training cell (``smallest`` examples) leaves after ``k_shot`` support examples, so that no training
+    class is left out of the episodes; ``None`` for a minibatch learner."""
     cls = registry.get_algorithm(name)
     if cls.batch_kind != "episodes":
         return None
-    smallest = min(len(c.indices) for c in split_cells(dataset, splits_of(dataset), TRAIN_ENVS, "in"))
     k_shot = SETTINGS[setting][1]
     return min(resolve(declared_hparams(OmniglotSmall, cls), 0, overrides)["n_query"], max(1, smallest - k_shot))
 
 
-def cell_key(name: str, setting: str, args: argparse.Namespace, dataset: OmniglotSmall) -> dict:
-    """What defines one (algorithm, setting) cell: a stored result is reused only if all of it matches."""
+def cell_key(name: str, setting: str, args: argparse.Namespace, smallest: int) -> dict:
+    """What defines one (algorithm, setting) cell, ``smallest`` as in ``training_n_query``: a stored result is
+    reused only if all of it matches."""
     overrides = parse_overrides(args.hparams).get(name, {})
     return {"algorithm": name, "setting": setting, "steps_limit": args.steps, "minutes": args.minutes,
             "episodes": args.episodes, "seed": args.seed, "hparams": overrides,
-            "n_query": training_n_query(name, setting, dataset, overrides),
+            "n_query": training_n_query(name, setting, smallest, overrides),
             "device": torch.device(args.device).type, "holdout_fraction": HOLDOUT_FRACTION}
 
 
@@ -251,12 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         results_path = Path(args.results)
         stored = load_results(results_path)
         dataset = OmniglotSmall(args.data_dir, {"rotation_classes": True}).to(device)
+        smallest = smallest_training_cell(dataset)
         runs: list[OneShotRun] | None = None
         results = []
         for name in names:
             shared: Trained | None = None  # a minibatch learner's model, trained once for all its settings
             for setting in args.settings:
-                key = cell_key(name, setting, args, dataset)
+                key = cell_key(name, setting, args, smallest)
                 done = [r for r in stored if all(r.get(k) == v for k, v in key.items())]
                 if done or args.collect_only:
                     results += done[-1:]

@@ -161,8 +161,8 @@ def bench_episodes(bench, dataset: OmniglotSmall, seed: int, steps: int, monkeyp
     monkeypatch.setattr(cls, "update", lambda self, batch: fed.append(batch) or {})
     monkeypatch.setattr(bench, "episode_accuracy", lambda *args: (0.0, 0.0))
     args = argparse.Namespace(steps=steps, minutes=10.0, episodes=1, seed=seed, hparams=None, device="cpu")
-    bench.train_and_test(bench.cell_key("ProtoNet", "5w1s", args, dataset), dataset, None, args,
-                         torch.device("cpu"))
+    key = bench.cell_key("ProtoNet", "5w1s", args, bench.smallest_training_cell(dataset))
+    bench.train_and_test(key, dataset, None, args, torch.device("cpu"))
     monkeypatch.undo()
     return fed
 
@@ -208,7 +208,8 @@ def test_bench_feeds_minibatch_learners_the_cli_training_minibatches(tmp_path, m
     fed = []
     monkeypatch.setattr(registry.get_algorithm("Baseline"), "update", lambda self, batch: fed.append(batch) or {})
     args = argparse.Namespace(steps=3, minutes=10.0, episodes=1, seed=3, hparams=None, device="cpu")
-    bench.train(bench.cell_key("Baseline", "5w1s", args, trainer.dataset), trainer.dataset, args,
+    bench.train(bench.cell_key("Baseline", "5w1s", args,
+                               bench.smallest_training_cell(trainer.dataset)), trainer.dataset, args,
                 torch.device("cpu"))
     assert len(fed) == len(cli) == 3
     for ours, theirs in zip(fed, cli):
@@ -223,16 +224,17 @@ def test_bench_caps_n_query_so_that_no_training_class_is_left_out(tmp_path, monk
     dataset = OmniglotSmall(str(data), {"rotation_classes": True})
     sizes = [len(c.indices) for c in bench.split_cells(dataset, bench.splits_of(dataset), bench.TRAIN_ENVS, "in")]
     smallest = min(sizes)
+    assert bench.smallest_training_cell(dataset) == smallest
     assert 5 < smallest < max(sizes) and smallest - 1 < 15  # the cap binds for MAML's n_query 15 at 1-shot
-    assert bench.training_n_query("MAML", "5w1s", dataset, {}) == smallest - 1
-    assert bench.training_n_query("MAML", "5w5s", dataset, {}) == smallest - 5
-    assert bench.training_n_query("MAML", "5w1s", dataset, {"n_query": 2}) == 2  # below the cap: kept
-    assert bench.training_n_query("Baseline", "5w1s", dataset, {}) is None
+    assert bench.training_n_query("MAML", "5w1s", smallest, {}) == smallest - 1
+    assert bench.training_n_query("MAML", "5w5s", smallest, {}) == smallest - 5
+    assert bench.training_n_query("MAML", "5w1s", smallest, {"n_query": 2}) == 2  # below the cap: kept
+    assert bench.training_n_query("Baseline", "5w1s", smallest, {}) is None
     fed = []
     monkeypatch.setattr(registry.get_algorithm("ProtoNet"), "update", lambda self, batch: fed.append(batch) or {})
     args = argparse.Namespace(steps=1, minutes=10.0, episodes=1, seed=0, hparams='{"ProtoNet": {"n_query": 15}}',
                               device="cpu")
-    key = bench.cell_key("ProtoNet", "5w5s", args, dataset)
+    key = bench.cell_key("ProtoNet", "5w5s", args, bench.smallest_training_cell(dataset))
     assert key["n_query"] == smallest - 5 and key["hparams"] == {"n_query": 15}
     bench.train(key, dataset, args, torch.device("cpu"))
     assert fed[0][0].query_x.shape[0] == 5 * (smallest - 5)
